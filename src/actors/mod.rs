@@ -1,0 +1,7 @@
+//! The actors of a node, one per file, each with the messages it handles at
+//! the top of its file.
+
+pub mod registry;
+pub mod room;
+pub mod scheduler;
+pub mod session;

@@ -1,0 +1,218 @@
+//! `RoomRegistry`: one per node. Finds or starts the `Room` actor of a room,
+//! routes joins, leaves, typing and committed messages to it, and stops it
+//! when its last local member leaves. It is also the node's in-process bus:
+//! the message store reports every durable message here, in `seq` order.
+//! Every room operation passes through this one mailbox, so a room is never
+//! stopped while a join for it is on its way.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use futures_util::future::join_all;
+
+use super::room::{CountUsers, Deliver, JoinRoom, LeaveRoom, Room, TypingIn};
+use super::session::{SessionOutbox, Shutdown};
+use crate::metrics::Metrics;
+use crate::protocol::{frames, ChatMessage, User};
+
+/// A session opened; it will be told to close when the node drains.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Connect {
+    pub session_id: u64,
+    pub addr: Recipient<Shutdown>,
+}
+
+/// A session closed; it leaves every room it was in.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub session_id: u64,
+    pub rooms: Vec<String>,
+}
+
+/// A session joins a room; answers the room's members after the join.
+#[derive(Message)]
+#[rtype(result = "Vec<User>")]
+pub struct Join {
+    pub session_id: u64,
+    pub user: User,
+    pub room: String,
+    pub outbox: Arc<SessionOutbox>,
+}
+
+/// A session leaves a room.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    pub session_id: u64,
+    pub room: String,
+}
+
+/// A user is typing in a room.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Typing {
+    pub session_id: u64,
+    pub room: String,
+    pub user: User,
+}
+
+/// A message became durable: deliver it to the room's local members.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publish {
+    pub message: ChatMessage,
+}
+
+/// Rooms with local members and how many distinct users are in each.
+#[derive(Message)]
+#[rtype(result = "HashMap<String, usize>")]
+pub struct ListRooms;
+
+/// Asks every session to close once its accepted messages are answered;
+/// answers how many sessions were asked.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Drain;
+
+struct RoomEntry {
+    addr: Addr<Room>,
+    /// Local sessions in the room; the room actor stops when it reaches 0.
+    sessions: usize,
+}
+
+/// The node's directory of rooms and sessions.
+pub struct RoomRegistry {
+    rooms: HashMap<String, RoomEntry>,
+    sessions: HashMap<u64, Recipient<Shutdown>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RoomRegistry {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            rooms: HashMap::new(),
+            sessions: HashMap::new(),
+            metrics,
+        }
+    }
+
+    fn leave(&mut self, session_id: u64, room: &str) {
+        let Some(entry) = self.rooms.get_mut(room) else {
+            return;
+        };
+        entry.addr.do_send(LeaveRoom { session_id });
+        entry.sessions = entry.sessions.saturating_sub(1);
+        if entry.sessions == 0 {
+            // Dropping the last address stops the room once its mailbox,
+            // with the leave just sent, is empty.
+            self.rooms.remove(room);
+        }
+    }
+}
+
+impl Actor for RoomRegistry {
+    type Context = Context<Self>;
+}
+
+impl Handler<Connect> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) {
+        self.sessions.insert(msg.session_id, msg.addr);
+    }
+}
+
+impl Handler<Disconnect> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
+        self.sessions.remove(&msg.session_id);
+        for room in &msg.rooms {
+            self.leave(msg.session_id, room);
+        }
+    }
+}
+
+impl Handler<Join> for RoomRegistry {
+    type Result = ResponseFuture<Vec<User>>;
+    fn handle(&mut self, msg: Join, _: &mut Context<Self>) -> Self::Result {
+        let metrics = self.metrics.clone();
+        let entry = self
+            .rooms
+            .entry(msg.room.clone())
+            .or_insert_with(|| RoomEntry {
+                addr: Room::new(msg.room.clone(), metrics).start(),
+                sessions: 0,
+            });
+        entry.sessions += 1;
+        // `send` enqueues now, so the join is ahead of any later message.
+        let reply = entry.addr.send(JoinRoom {
+            session_id: msg.session_id,
+            user: msg.user,
+            outbox: msg.outbox,
+        });
+        Box::pin(async move { reply.await.unwrap_or_default() })
+    }
+}
+
+impl Handler<Leave> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Leave, _: &mut Context<Self>) {
+        self.leave(msg.session_id, &msg.room);
+    }
+}
+
+impl Handler<Typing> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Typing, _: &mut Context<Self>) {
+        if let Some(entry) = self.rooms.get(&msg.room) {
+            entry.addr.do_send(TypingIn {
+                session_id: msg.session_id,
+                user: msg.user,
+            });
+        }
+    }
+}
+
+impl Handler<Publish> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: Publish, _: &mut Context<Self>) {
+        // No local member: nothing to deliver here.
+        if let Some(entry) = self.rooms.get(&msg.message.room) {
+            // Serialised once; every member shares the same bytes.
+            let frame = ByteString::from(frames::msg(&msg.message));
+            entry.addr.do_send(Deliver {
+                seq: msg.message.seq,
+                frame,
+            });
+        }
+    }
+}
+
+impl Handler<ListRooms> for RoomRegistry {
+    type Result = ResponseFuture<HashMap<String, usize>>;
+    fn handle(&mut self, _: ListRooms, _: &mut Context<Self>) -> Self::Result {
+        let asks: Vec<_> = self
+            .rooms
+            .iter()
+            .map(|(name, e)| {
+                let name = name.clone();
+                let ask = e.addr.send(CountUsers);
+                async move { (name, ask.await.unwrap_or(0)) }
+            })
+            .collect();
+        Box::pin(async move { join_all(asks).await.into_iter().collect() })
+    }
+}
+
+impl Handler<Drain> for RoomRegistry {
+    type Result = usize;
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> usize {
+        for addr in self.sessions.values() {
+            addr.do_send(Shutdown);
+        }
+        self.sessions.len()
+    }
+}

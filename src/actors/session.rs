@@ -1,0 +1,747 @@
+//! `WsSession`: one per WebSocket connection. Parses and checks client
+//! frames, rate-limits them, forwards them to the registry and the store,
+//! and writes node frames back; owns its heartbeat.
+//!
+//! Everything about the transport (actix-web-actors) lives in this file, so
+//! that moving to another WebSocket crate touches only it.
+//!
+//! ## Slow readers
+//! actix stops running a session's actor while its socket cannot take more
+//! bytes, so a session cannot police its own queue. Instead every frame for
+//! it goes through its [`SessionOutbox`], which counts the bytes queued and
+//! not yet taken by the socket: above `outbound_soft_bytes` typing and
+//! presence frames are dropped; above `outbound_hard_bytes` the connection
+//! is shut down from outside. Either way the room and every other member
+//! go on at full speed, and the cut-off client can resume with `join since`.
+
+use std::collections::HashMap;
+use std::net::Shutdown as SocketShutdown;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_http::ws::{Codec, Item};
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use futures_util::Stream;
+
+use super::registry::{Connect, Disconnect, Join, Leave, Typing};
+use crate::error::ChatError;
+use crate::protocol::{frames, parse_client_frame, ChatMessage, ClientOp, User};
+use crate::store::NewMessage;
+use crate::AppState;
+
+/// Messages read from the store per replay step; the session waits for its
+/// queue to drain between steps, so a long replay never floods it.
+const REPLAY_PAGE: usize = 500;
+/// How long a replay waits before checking a busy queue again.
+const REPLAY_BACKOFF: Duration = Duration::from_millis(20);
+
+/// The node is draining: finish what was accepted, then close.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+/// A frame for this session, already counted in its outbox.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Outbound {
+    pub frame: ByteString,
+    pub kind: FrameKind,
+}
+
+/// What an outbound frame is, for the slow-reader policy and the replay
+/// bookkeeping.
+#[derive(Debug, Clone)]
+pub enum FrameKind {
+    /// A `msg` frame: never dropped, and held back while its room replays.
+    Message { room: Arc<str>, seq: u64 },
+    /// Typing and presence: dropped first when the reader is slow.
+    Droppable,
+}
+
+/// A duplicate of the connection's socket, taken when it was accepted, so
+/// that a session whose actor is stalled behind a full socket can still be
+/// cut off.
+#[derive(Clone)]
+pub struct ConnHandle(Arc<std::net::TcpStream>);
+
+impl ConnHandle {
+    /// Takes a handle on an accepted connection (from `on_connect`).
+    pub fn from_connection(conn: &dyn std::any::Any) -> Option<Self> {
+        use std::os::fd::AsFd;
+        let tcp = conn.downcast_ref::<actix_web::rt::net::TcpStream>()?;
+        let fd = tcp.as_fd().try_clone_to_owned().ok()?;
+        Some(Self(Arc::new(std::net::TcpStream::from(fd))))
+    }
+
+    fn shutdown(&self) {
+        let _ = self.0.shutdown(SocketShutdown::Both);
+    }
+}
+
+/// The shared door to one session: counts the bytes queued for it and
+/// applies the slow-reader policy.
+pub struct SessionOutbox {
+    /// Set when the session starts.
+    addr: OnceLock<Recipient<Outbound>>,
+    /// Bytes of frames handed to the session and not yet taken by its
+    /// socket writer.
+    queued: AtomicUsize,
+    /// Set once the connection is being cut off.
+    closing: AtomicBool,
+    conn: Option<ConnHandle>,
+    soft: usize,
+    hard: usize,
+    app: Arc<AppState>,
+}
+
+impl SessionOutbox {
+    /// Queues a frame for the session, or applies the slow-reader policy.
+    pub fn push(&self, frame: ByteString, kind: FrameKind) {
+        let Some(addr) = self.addr.get() else {
+            return;
+        };
+        if self.closing.load(Relaxed) {
+            return;
+        }
+        let size = wire_len(frame.len());
+        let queued = self.queued.load(Relaxed);
+        if matches!(kind, FrameKind::Droppable) && queued + size > self.soft {
+            self.app.metrics.frames_dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        if queued + size > self.hard {
+            self.cut_off();
+            return;
+        }
+        self.queued.fetch_add(size, Relaxed);
+        if let FrameKind::Message { .. } = kind {
+            self.app.metrics.messages_out.fetch_add(1, Relaxed);
+        }
+        addr.do_send(Outbound { frame, kind });
+    }
+
+    /// Closes a connection that reads too slowly.
+    fn cut_off(&self) {
+        if self.closing.swap(true, Relaxed) {
+            return;
+        }
+        self.app.metrics.slow_closes.fetch_add(1, Relaxed);
+        log::warn!("Closing a slow reader: its outbound queue is full.");
+        match &self.conn {
+            Some(conn) => conn.shutdown(),
+            None => {
+                if let Some(addr) = self.addr.get() {
+                    addr.do_send(Outbound {
+                        frame: ByteString::new(),
+                        kind: FrameKind::Droppable,
+                    });
+                }
+            }
+        }
+    }
+
+    fn account(&self, size: usize) {
+        self.queued.fetch_add(size, Relaxed);
+    }
+
+    fn release(&self, size: usize) {
+        let _ = self
+            .queued
+            .fetch_update(Relaxed, Relaxed, |q| Some(q.saturating_sub(size)));
+    }
+}
+
+/// Bytes a server text frame of `payload` bytes takes on the wire.
+fn wire_len(payload: usize) -> usize {
+    payload
+        + match payload {
+            0..=125 => 2,
+            126..=65535 => 4,
+            _ => 10,
+        }
+}
+
+/// The response body: the session's encoded frames, counted out of its
+/// outbox as the socket writer takes them.
+struct CountedBody<S> {
+    inner: Pin<Box<S>>,
+    outbox: Arc<SessionOutbox>,
+}
+
+impl<S> Stream for CountedBody<S>
+where
+    S: Stream<Item = Result<Bytes, actix_web::Error>>,
+{
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(bytes))) = &polled {
+            self.outbox.release(bytes.len());
+        }
+        polled
+    }
+}
+
+/// Token bucket of one connection.
+struct RateLimit {
+    tokens: f64,
+    burst: f64,
+    per_sec: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_sec: f64, burst: u32) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            per_sec,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Where a joined room stands for this session.
+enum RoomState {
+    /// Joined; replay under way. Live messages wait here until the replay
+    /// has been written, then those not replayed follow it.
+    Replaying {
+        held: Vec<(u64, ByteString)>,
+    },
+    Live,
+}
+
+/// A message split in continuation frames, being put together.
+struct Partial {
+    text: bool,
+    data: BytesMut,
+}
+
+/// One WebSocket connection.
+pub struct WsSession {
+    id: u64,
+    /// Public session id shown in `welcome`.
+    name: String,
+    user: User,
+    app: Arc<AppState>,
+    outbox: Arc<SessionOutbox>,
+    /// Anything from the client counts as a sign of life.
+    last_heard: Instant,
+    rooms: HashMap<String, RoomState>,
+    rate: RateLimit,
+    partial: Option<Partial>,
+    /// Sends waiting for the store; a draining session closes at zero.
+    in_flight: usize,
+    draining: bool,
+}
+
+impl WsSession {
+    /// Upgrades the request and starts the session for `user`.
+    pub fn start(
+        app: Arc<AppState>,
+        user: User,
+        conn: Option<ConnHandle>,
+        req: &HttpRequest,
+        stream: web::Payload,
+    ) -> Result<HttpResponse, ChatError> {
+        let mut response = ws::handshake(req).map_err(|e| ChatError::bad_request(e.to_string()))?;
+        let limits = &app.settings.limits;
+        let outbox = Arc::new(SessionOutbox {
+            addr: OnceLock::new(),
+            queued: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            conn,
+            soft: limits.outbound_soft_bytes,
+            hard: limits.outbound_hard_bytes,
+            app: app.clone(),
+        });
+        let session = WsSession {
+            id: app.next_session_id(),
+            name: ulid::Ulid::new().to_string(),
+            user,
+            rate: RateLimit::new(limits.rate_per_sec, limits.rate_burst),
+            outbox: outbox.clone(),
+            last_heard: Instant::now(),
+            rooms: HashMap::new(),
+            partial: None,
+            in_flight: 0,
+            draining: false,
+            app: app.clone(),
+        };
+        let codec = Codec::new().max_size(limits.max_frame_bytes);
+        let body = WebsocketContext::with_codec(session, stream, codec);
+        Ok(response.streaming(CountedBody {
+            inner: Box::pin(body),
+            outbox,
+        }))
+    }
+
+    /// Writes a frame the session itself produced.
+    fn emit(&self, ctx: &mut WebsocketContext<Self>, frame: String) {
+        self.outbox.account(wire_len(frame.len()));
+        ctx.text(frame);
+    }
+
+    fn emit_error(
+        &self,
+        ctx: &mut WebsocketContext<Self>,
+        error: &ChatError,
+        reference: Option<&str>,
+    ) {
+        self.app.metrics.error(error);
+        self.emit(ctx, frames::error(error, reference));
+    }
+
+    fn close(&mut self, ctx: &mut WebsocketContext<Self>, code: CloseCode, reason: &str) {
+        ctx.close(Some(CloseReason {
+            code,
+            description: Some(reason.into()),
+        }));
+        ctx.stop();
+    }
+
+    fn heartbeat(&mut self, ctx: &mut WebsocketContext<Self>) {
+        let limits = &self.app.settings.limits;
+        let timeout = Duration::from_secs(limits.client_timeout_secs);
+        if self.last_heard.elapsed() > timeout {
+            log::debug!("Session {} timed out.", self.id);
+            self.close(ctx, CloseCode::Away, "no sign of life from the client");
+            return;
+        }
+        self.outbox.account(2);
+        ctx.ping(b"");
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut WebsocketContext<Self>) {
+        let limits = &self.app.settings.limits;
+        let parsed = parse_client_frame(text, limits.max_text_chars);
+        let is_ping = matches!(parsed, Ok(ClientOp::Ping { .. }));
+        if !is_ping && !self.rate.take(Instant::now()) {
+            let reference = match &parsed {
+                Ok(ClientOp::Send { cid, .. }) => Some(cid.as_str()),
+                Err(e) => e.reference.as_deref(),
+                Ok(_) => None,
+            };
+            self.emit_error(ctx, &ChatError::RateLimited, reference);
+            return;
+        }
+        match parsed {
+            Ok(op) => self.on_op(op, ctx),
+            Err(e) => self.emit_error(ctx, &e.error, e.reference.as_deref()),
+        }
+    }
+
+    fn on_op(&mut self, op: ClientOp, ctx: &mut WebsocketContext<Self>) {
+        match op {
+            ClientOp::Join { room, since } => self.join(room, since, ctx),
+            ClientOp::Leave { room } => {
+                let Some(state) = self.rooms.remove(&room) else {
+                    return self.emit_error(ctx, &ChatError::NotJoined, Some("leave"));
+                };
+                if let RoomState::Replaying { held } = state {
+                    for (_, frame) in held {
+                        self.outbox.release(wire_len(frame.len()));
+                    }
+                }
+                self.app.registry.do_send(Leave {
+                    session_id: self.id,
+                    room,
+                });
+            }
+            ClientOp::Send { room, text, cid } => {
+                if !self.rooms.contains_key(&room) {
+                    return self.emit_error(ctx, &ChatError::NotJoined, Some(&cid));
+                }
+                if self.draining {
+                    let e = ChatError::Unavailable("the node is shutting down".into());
+                    return self.emit_error(ctx, &e, Some(&cid));
+                }
+                self.send(room, text, cid, ctx);
+            }
+            ClientOp::Typing { room } => {
+                if !self.rooms.contains_key(&room) {
+                    return self.emit_error(ctx, &ChatError::NotJoined, Some("typing"));
+                }
+                self.app.registry.do_send(Typing {
+                    session_id: self.id,
+                    room,
+                    user: self.user.clone(),
+                });
+            }
+            ClientOp::History {
+                room,
+                before,
+                limit,
+            } => {
+                if !self.rooms.contains_key(&room) {
+                    return self.emit_error(ctx, &ChatError::NotJoined, Some("history"));
+                }
+                let page = self.app.store.before(&room, before, limit);
+                ctx.spawn(page.into_actor(self).map(move |page, act, ctx| match page {
+                    Ok(page) => {
+                        let frame = frames::history(&room, &page.messages, page.has_more);
+                        act.emit(ctx, frame);
+                    }
+                    Err(e) => act.emit_error(ctx, &e, Some("history")),
+                }));
+            }
+            ClientOp::Ping { t } => self.emit(ctx, frames::pong(&t)),
+        }
+    }
+
+    fn send(&mut self, room: String, text: String, cid: String, ctx: &mut WebsocketContext<Self>) {
+        let received = Instant::now();
+        self.in_flight += 1;
+        let append = self.app.store.append(NewMessage {
+            room,
+            user: self.user.clone(),
+            text,
+            cid: cid.clone(),
+        });
+        ctx.spawn(append.into_actor(self).map(move |result, act, ctx| {
+            act.in_flight -= 1;
+            match result {
+                Ok(accepted) => {
+                    if !accepted.duplicate {
+                        act.app.metrics.messages_in.fetch_add(1, Relaxed);
+                    }
+                    act.app.metrics.ack_latency(received.elapsed());
+                    act.emit(ctx, frames::ack(&accepted.message));
+                }
+                Err(e) => {
+                    log::warn!("Message refused: {e:?}.");
+                    act.emit_error(ctx, &e, Some(&cid));
+                }
+            }
+            if act.draining && act.in_flight == 0 {
+                act.close(ctx, CloseCode::Away, "the node is shutting down");
+            }
+        }));
+    }
+
+    fn join(&mut self, room: String, since: Option<u64>, ctx: &mut WebsocketContext<Self>) {
+        let max_rooms = self.app.settings.limits.max_rooms_per_session;
+        let joined = self.rooms.len();
+        match self.rooms.get_mut(&room) {
+            Some(state) => {
+                // Joined already: replay again if asked, then `joined`.
+                if matches!(state, RoomState::Live) {
+                    *state = RoomState::Replaying { held: Vec::new() };
+                }
+                self.replay(room, since.unwrap_or(0), since.is_some(), Vec::new(), ctx);
+            }
+            None if joined >= max_rooms => {
+                let e = ChatError::Forbidden(format!("at most {max_rooms} rooms per connection"));
+                self.emit_error(ctx, &e, Some("join"));
+            }
+            None => {
+                self.rooms
+                    .insert(room.clone(), RoomState::Replaying { held: Vec::new() });
+                let join = self.app.registry.send(Join {
+                    session_id: self.id,
+                    user: self.user.clone(),
+                    room: room.clone(),
+                    outbox: self.outbox.clone(),
+                });
+                // Wait: frames after this join must see it done.
+                ctx.wait(join.into_actor(self).map(move |members, act, ctx| {
+                    let members = members.unwrap_or_default();
+                    act.replay(room, since.unwrap_or(0), since.is_some(), members, ctx);
+                }));
+            }
+        }
+    }
+
+    /// Writes every stored message after `cursor` (when `replay` is asked),
+    /// a page at a time, then `joined`, then the live messages held
+    /// meanwhile that the replay did not cover.
+    fn replay(
+        &mut self,
+        room: String,
+        cursor: u64,
+        replay: bool,
+        members: Vec<User>,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        if !replay {
+            let last = self.app.store.last_seq(&room);
+            ctx.spawn(last.into_actor(self).map(move |last, act, ctx| match last {
+                Ok(last_seq) => act.finish_join(&room, 0, last_seq, &members, ctx),
+                Err(e) => act.fail_join(&room, &e, ctx),
+            }));
+            return;
+        }
+        let page = self.app.store.after(&room, cursor, REPLAY_PAGE);
+        ctx.spawn(page.into_actor(self).map(move |page, act, ctx| {
+            let page: Vec<ChatMessage> = match page {
+                Ok(page) => page,
+                Err(e) => return act.fail_join(&room, &e, ctx),
+            };
+            if !act.rooms.contains_key(&room) {
+                return; // left meanwhile
+            }
+            let full = page.len() == REPLAY_PAGE;
+            let mut next = cursor;
+            for m in &page {
+                next = m.seq;
+                act.emit(ctx, frames::msg(m));
+            }
+            act.app
+                .metrics
+                .messages_out
+                .fetch_add(page.len() as u64, Relaxed);
+            if full {
+                // Let the socket drain before the next page.
+                let delay = if act.outbox.queued.load(Relaxed) > act.outbox.soft {
+                    REPLAY_BACKOFF
+                } else {
+                    Duration::ZERO
+                };
+                ctx.run_later(delay, move |act, ctx| {
+                    act.replay(room, next, true, members, ctx);
+                });
+            } else {
+                let last = act.app.store.last_seq(&room);
+                ctx.spawn(last.into_actor(act).map(move |last, act, ctx| {
+                    let last_seq = last.unwrap_or(next).max(next);
+                    act.finish_join(&room, next, last_seq, &members, ctx);
+                }));
+            }
+        }));
+    }
+
+    fn finish_join(
+        &mut self,
+        room: &str,
+        replayed_to: u64,
+        last_seq: u64,
+        members: &[User],
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return; // left meanwhile
+        };
+        let held = match std::mem::replace(state, RoomState::Live) {
+            RoomState::Replaying { held } => held,
+            RoomState::Live => Vec::new(),
+        };
+        let members = if members.is_empty() {
+            vec![self.user.clone()]
+        } else {
+            members.to_vec()
+        };
+        self.emit(ctx, frames::joined(room, last_seq, &members));
+        for (seq, frame) in held {
+            if seq > replayed_to {
+                ctx.text(frame);
+            } else {
+                self.outbox.release(wire_len(frame.len()));
+            }
+        }
+    }
+
+    fn fail_join(&mut self, room: &str, e: &ChatError, ctx: &mut WebsocketContext<Self>) {
+        log::warn!("Join of {room} failed: {e:?}.");
+        if let Some(RoomState::Replaying { held }) = self.rooms.remove(room) {
+            for (_, frame) in held {
+                self.outbox.release(wire_len(frame.len()));
+            }
+        }
+        self.app.registry.do_send(Leave {
+            session_id: self.id,
+            room: room.to_string(),
+        });
+        self.emit_error(ctx, e, Some("join"));
+    }
+
+    fn on_continuation(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
+        let max = self.app.settings.limits.max_frame_bytes;
+        let (text, chunk, last) = match item {
+            Item::FirstText(b) => (Some(true), b, false),
+            Item::FirstBinary(b) => (Some(false), b, false),
+            Item::Continue(b) => (None, b, false),
+            Item::Last(b) => (None, b, true),
+        };
+        if let Some(text) = text {
+            self.partial = Some(Partial {
+                text,
+                data: BytesMut::new(),
+            });
+        }
+        let Some(partial) = self.partial.as_mut() else {
+            let e = ChatError::bad_request("continuation frame without a first frame");
+            return self.emit_error(ctx, &e, None);
+        };
+        if partial.data.len() + chunk.len() > max {
+            self.partial = None;
+            return self.refuse_oversize(ctx);
+        }
+        partial.data.extend_from_slice(&chunk);
+        if last {
+            if let Some(done) = self.partial.take() {
+                if !done.text {
+                    return self.refuse_binary(ctx);
+                }
+                match std::str::from_utf8(&done.data) {
+                    Ok(text) => {
+                        let text = text.to_owned();
+                        self.on_text(&text, ctx);
+                    }
+                    Err(_) => {
+                        let e = ChatError::bad_request("text is not valid UTF-8");
+                        self.emit_error(ctx, &e, None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn refuse_oversize(&mut self, ctx: &mut WebsocketContext<Self>) {
+        let max = self.app.settings.limits.max_frame_bytes;
+        let e = ChatError::TooLarge(format!("frames are limited to {max} bytes"));
+        self.emit_error(ctx, &e, None);
+        self.close(ctx, CloseCode::Size, "frame too large");
+    }
+
+    fn refuse_binary(&mut self, ctx: &mut WebsocketContext<Self>) {
+        let e = ChatError::bad_request("binary frames are not supported: send JSON text");
+        self.emit_error(ctx, &e, None);
+    }
+}
+
+impl Actor for WsSession {
+    type Context = WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.app.metrics.connections.fetch_add(1, Relaxed);
+        let _ = self.outbox.addr.set(ctx.address().recipient());
+        self.app.registry.do_send(Connect {
+            session_id: self.id,
+            addr: ctx.address().recipient(),
+        });
+        let every = Duration::from_secs(self.app.settings.limits.heartbeat_interval_secs);
+        ctx.run_interval(every, Self::heartbeat);
+        let welcome = frames::welcome(&self.user, &self.app.settings.node.id, &self.name);
+        self.emit(ctx, welcome);
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.outbox.closing.store(true, Relaxed);
+        self.app.registry.do_send(Disconnect {
+            session_id: self.id,
+            rooms: self.rooms.drain().map(|(room, _)| room).collect(),
+        });
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.app.metrics.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Handler<Outbound> for WsSession {
+    type Result = ();
+    fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
+        if self.outbox.closing.load(Relaxed) {
+            if msg.frame.is_empty() {
+                // The outbox cut this session off and had no socket to shut.
+                self.close(ctx, CloseCode::Policy, "slow reader: outbound queue full");
+            }
+            return;
+        }
+        if let FrameKind::Message { room, seq } = &msg.kind {
+            match self.rooms.get_mut(&**room) {
+                Some(RoomState::Replaying { held }) => return held.push((*seq, msg.frame)),
+                Some(RoomState::Live) => {}
+                None => return self.outbox.release(wire_len(msg.frame.len())),
+            }
+        }
+        ctx.text(msg.frame);
+    }
+}
+
+impl Handler<Shutdown> for WsSession {
+    type Result = ();
+    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
+        self.draining = true;
+        if self.in_flight == 0 {
+            self.close(ctx, CloseCode::Away, "the node is shutting down");
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        let msg = match item {
+            Ok(msg) => msg,
+            Err(ws::ProtocolError::Overflow) => return self.refuse_oversize(ctx),
+            Err(e) => {
+                log::debug!("Session {} protocol error: {e}.", self.id);
+                return self.close(ctx, CloseCode::Protocol, "protocol error");
+            }
+        };
+        match msg {
+            ws::Message::Text(text) => self.on_text(&text, ctx),
+            ws::Message::Binary(_) => self.refuse_binary(ctx),
+            ws::Message::Continuation(item) => self.on_continuation(item, ctx),
+            ws::Message::Ping(payload) => {
+                self.outbox.account(wire_len(payload.len()));
+                ctx.pong(&payload);
+            }
+            ws::Message::Pong(_) | ws::Message::Nop => {}
+            ws::Message::Close(reason) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_length_counts_the_header() {
+        assert_eq!(wire_len(0), 2);
+        assert_eq!(wire_len(125), 127);
+        assert_eq!(wire_len(126), 130);
+        assert_eq!(wire_len(70_000), 70_010);
+    }
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_the_rate() {
+        let mut r = RateLimit::new(10.0, 3);
+        let t0 = r.last;
+        assert!(r.take(t0) && r.take(t0) && r.take(t0));
+        assert!(!r.take(t0));
+        assert!(!r.take(t0 + Duration::from_millis(50)));
+        assert!(r.take(t0 + Duration::from_millis(110)));
+        assert!(!r.take(t0 + Duration::from_millis(110)));
+        // Refill stops at the burst size.
+        let later = t0 + Duration::from_secs(60);
+        assert!((0..3).all(|_| r.take(later)));
+        assert!(!r.take(later));
+    }
+}

@@ -1,0 +1,86 @@
+//! HTTP routes: the WebSocket upgrade, the REST API, health and metrics,
+//! and the web client's static files.
+
+mod api;
+mod health;
+mod ws;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use crate::auth::unix_now;
+use crate::error::ChatError;
+use crate::protocol::User;
+use crate::AppState;
+
+/// Mounts every route. Errors of the extractors answer in the contract's
+/// error shape.
+pub fn configure(cfg: &mut web::ServiceConfig, app: &web::Data<AppState>) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(256 * 1024)
+            .error_handler(|e, _| ChatError::bad_request(format!("bad JSON body: {e}")).into()),
+    )
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|e, _| ChatError::bad_request(format!("bad query: {e}")).into()),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ChatError::bad_request(format!("bad path: {e}")).into()),
+    )
+    .route("/ws", web::get().to(ws::upgrade))
+    .route("/healthz", web::get().to(health::healthz))
+    .route("/readyz", web::get().to(health::readyz))
+    .route("/metrics", web::get().to(health::metrics))
+    .service(
+        web::scope("/api/v1")
+            .route("/auth/guest", web::post().to(api::guest))
+            .route("/me", web::get().to(api::me))
+            .route("/rooms", web::get().to(api::rooms))
+            .route("/rooms/{room}/messages", web::get().to(api::messages))
+            .route("/rooms/{room}/messages", web::post().to(api::post_message))
+            .default_service(web::to(not_found)),
+    );
+    let dir = &app.settings.http.static_dir;
+    if dir.join("index.html").is_file() {
+        cfg.service(
+            actix_files::Files::new("/", dir)
+                .index_file("index.html")
+                .default_handler(web::to(not_found)),
+        );
+    } else {
+        cfg.route("/", web::get().to(placeholder))
+            .default_service(web::to(not_found));
+    }
+}
+
+async fn not_found() -> Result<HttpResponse, ChatError> {
+    Err(ChatError::NotFound)
+}
+
+/// Served at `/` until the web client has been built.
+async fn placeholder() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(concat!(
+            "<!doctype html><meta charset=utf-8><title>ScalableChat</title>",
+            "<h1>ScalableChat node</h1><p>The web client is not built. ",
+            "Run <code>make run</code> to build it, or speak the v1 protocol at ",
+            "<code>/ws</code> (see docs/PROTOCOL.md).</p>"
+        ))
+}
+
+/// The user of a `Authorization: Bearer <token>` header.
+pub(crate) fn bearer_user(req: &HttpRequest, app: &AppState) -> Result<User, ChatError> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ChatError::Unauthorized)?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .ok_or(ChatError::Unauthorized)?;
+    app.tokens
+        .verify(token.trim(), unix_now())
+        .map_err(|_| ChatError::Unauthorized)
+}

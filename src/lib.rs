@@ -1,0 +1,199 @@
+//! ScalableChat: a real-time chat node. Clients speak the v1 contract
+//! (`docs/PROTOCOL.md`) over WebSocket and HTTP; the node keeps every
+//! acknowledged message durable.
+//!
+//! The binary only wires settings and logging; [`Node::start`] is the whole
+//! server, so tests start the very same thing.
+
+pub mod actors;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{web, App, HttpServer};
+
+use actors::registry::{Drain, Publish, RoomRegistry};
+use actors::scheduler::Scheduler;
+use actors::session::ConnHandle;
+use auth::Tokens;
+use config::Settings;
+use metrics::Metrics;
+use store::embedded::EmbeddedStore;
+use store::MessageStore;
+
+/// What every request handler and session shares.
+pub struct AppState {
+    pub settings: Settings,
+    pub tokens: Tokens,
+    pub store: Arc<dyn MessageStore>,
+    pub registry: Addr<RoomRegistry>,
+    pub metrics: Arc<Metrics>,
+    /// Set on SIGTERM: new messages are refused while the node drains.
+    pub draining: AtomicBool,
+    session_ids: AtomicU64,
+}
+
+impl AppState {
+    /// A node-unique number for a new session.
+    pub fn next_session_id(&self) -> u64 {
+        self.session_ids.fetch_add(1, Relaxed)
+    }
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the message store: {0}")]
+    Store(error::ChatError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Server(std::io::Error),
+}
+
+/// A running node.
+pub struct Node {
+    /// The address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    app: Arc<AppState>,
+    server: Server,
+    handle: ServerHandle,
+}
+
+impl Node {
+    /// Opens the store, starts the actors and binds the HTTP server. Must be
+    /// called inside an actix system.
+    pub async fn start(settings: Settings) -> Result<Node, StartError> {
+        let metrics = Arc::new(Metrics::default());
+        let registry = RoomRegistry::new(metrics.clone()).start();
+        let bus = registry.clone();
+        let store = EmbeddedStore::open(
+            &settings.node.data_dir,
+            Box::new(move |message| bus.do_send(Publish { message })),
+        )
+        .map_err(StartError::Store)?;
+        Scheduler::new(metrics.clone(), settings.node.id.clone()).start();
+        let app = Arc::new(AppState {
+            tokens: Tokens::new(&settings.auth.secret, settings.auth.token_ttl_secs),
+            store: Arc::new(store),
+            registry,
+            metrics,
+            draining: AtomicBool::new(false),
+            session_ids: AtomicU64::new(1),
+            settings,
+        });
+        let data = web::Data::from(app.clone());
+        let bind = app.settings.http.bind;
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .configure(|cfg| http::configure(cfg, &data))
+        })
+        .on_connect(|conn, ext| {
+            if let Some(handle) = ConnHandle::from_connection(conn) {
+                ext.insert(handle);
+            }
+        })
+        .disable_signals()
+        .shutdown_timeout(5);
+        if app.settings.http.workers > 0 {
+            server = server.workers(app.settings.http.workers);
+        }
+        let server = server
+            .bind(bind)
+            .map_err(|source| StartError::Bind { addr: bind, source })?;
+        let addr = server.addrs().first().copied().unwrap_or(bind);
+        let server = server.run();
+        let handle = server.handle();
+        log::info!(
+            "Node {} listening on http://{addr} (standalone, store in {}).",
+            app.settings.node.id,
+            app.settings.node.data_dir.display()
+        );
+        Ok(Node {
+            addr,
+            app,
+            server,
+            handle,
+        })
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains.
+    pub async fn serve(self) -> Result<(), StartError> {
+        let Node {
+            app,
+            server,
+            handle,
+            ..
+        } = self;
+        let mut server = actix_web::rt::spawn(server);
+        tokio::select! {
+            ended = &mut server => {
+                return match ended {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(StartError::Server(e)),
+                    Err(e) => Err(StartError::Server(std::io::Error::other(e))),
+                };
+            }
+            () = shutdown_signal() => {}
+        }
+        drain(&app, &handle).await;
+        let _ = server.await;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            log::error!("Cannot listen for SIGTERM: {e}.");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Stops accepting, answers every accepted message, closes the sessions and
+/// stops the server.
+async fn drain(app: &AppState, handle: &ServerHandle) {
+    let started = Instant::now();
+    let deadline = Duration::from_secs(app.settings.http.shutdown_timeout_secs);
+    log::info!("Draining: no new connections or messages.");
+    app.draining.store(true, Relaxed);
+    handle.pause().await;
+    let sessions = app.registry.send(Drain).await.unwrap_or(0);
+    let _ = tokio::time::timeout(deadline, app.store.flush()).await;
+    while app.metrics.connections.load(Relaxed) > 0 && started.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = app.metrics.connections.load(Relaxed);
+    if left > 0 {
+        log::warn!("Drain deadline reached with {left} sessions still open.");
+    }
+    handle.stop(true).await;
+    log::info!(
+        "Drained {sessions} sessions in {} ms; exiting.",
+        started.elapsed().as_millis()
+    );
+}

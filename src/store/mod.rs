@@ -1,0 +1,80 @@
+//! Where accepted messages live. The node talks to its message log only
+//! through [`MessageStore`]: standalone mode fills it with the embedded
+//! store; cluster mode fills the same seam with Redis, Kafka and MongoDB.
+
+pub mod embedded;
+
+use futures_util::future::BoxFuture;
+
+use crate::error::ChatError;
+use crate::protocol::{ChatMessage, User};
+
+/// A message a client asked to post, checked but not yet accepted.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub room: String,
+    pub user: User,
+    pub text: String,
+    pub cid: String,
+}
+
+/// The answer to an append: the message as stored, and whether an earlier
+/// attempt with the same `cid` had already stored it.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub message: ChatMessage,
+    pub duplicate: bool,
+}
+
+/// A page of history in ascending `seq`.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub messages: Vec<ChatMessage>,
+    pub has_more: bool,
+}
+
+/// The state of one backing dependency, for `/readyz`.
+#[derive(Debug, Clone)]
+pub struct DependencyStatus {
+    pub name: &'static str,
+    pub error: Option<String>,
+}
+
+/// Called once per newly stored message, in `seq` order within a room, once
+/// the message is durable: this is how the node learns what to deliver.
+pub type CommitHook = Box<dyn Fn(ChatMessage) + Send + 'static>;
+
+/// The durable message log of a node.
+pub trait MessageStore: Send + Sync + 'static {
+    /// Makes a message durable and gives it its `seq` and `id`; a repeated
+    /// `(room, user, cid)` returns the earlier message instead.
+    fn append(&self, msg: NewMessage) -> BoxFuture<'static, Result<Accepted, ChatError>>;
+
+    /// Up to `limit` messages with `seq > since`, ascending.
+    fn after(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ChatError>>;
+
+    /// The `limit` latest messages with `seq < before` (or the latest of all).
+    fn before(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> BoxFuture<'static, Result<Page, ChatError>>;
+
+    /// The highest `seq` of a room, 0 for an empty room.
+    fn last_seq(&self, room: &str) -> BoxFuture<'static, Result<u64, ChatError>>;
+
+    /// Every room with messages and its last `seq`.
+    fn rooms(&self) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>>;
+
+    /// Whether each dependency answers now.
+    fn check(&self) -> BoxFuture<'static, Vec<DependencyStatus>>;
+
+    /// Resolves once every append accepted before the call has been answered.
+    fn flush(&self) -> BoxFuture<'static, ()>;
+}
