@@ -1,0 +1,51 @@
+# ScalableChat: the two commands are `make run` and `make test`.
+
+CARGO ?= cargo
+NPM ?= npm
+CONFIG ?= config/default.toml
+
+.PHONY: run test lint unit-test frontend frontend-test e2e services-up services-down clean
+
+## run: build the web client and a release binary, start a standalone node on 127.0.0.1:8080
+run: frontend
+	$(CARGO) build --release
+	./target/release/scalable-chat --config $(CONFIG)
+
+## test: lints, every Rust test, the web client's unit tests and browser tests
+test: lint unit-test frontend-test e2e
+
+## lint: formatting and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## unit-test: Rust unit and integration tests (the integration tests start real nodes)
+unit-test:
+	$(CARGO) test
+
+frontend/node_modules/.package-lock.json: frontend/package-lock.json
+	cd frontend && $(NPM) ci --no-audit --no-fund
+
+## frontend: build the web client into frontend/dist (served at /)
+frontend: frontend/node_modules/.package-lock.json
+	cd frontend && $(NPM) run build
+
+frontend-test: frontend/node_modules/.package-lock.json
+	cd frontend && $(NPM) test
+
+## e2e: the web client in real Chromium against a real node
+e2e: frontend
+	scripts/ensure-chromium
+	$(CARGO) build
+	cd frontend && SCALABLE_CHAT_BIN=../target/debug/scalable-chat $(NPM) run e2e
+
+## services-up / services-down: Redis, Kafka and MongoDB-compatible FerretDB on 127.0.0.1
+services-up:
+	scripts/services up
+
+services-down:
+	scripts/services down
+
+clean:
+	$(CARGO) clean
+	rm -rf frontend/dist frontend/node_modules data
