@@ -12,7 +12,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use futures_util::future::join_all;
 
-use super::room::{CountUsers, Deliver, JoinRoom, LeaveRoom, Room, TypingIn};
+use super::room::{CountUsers, Deliver, GetMembers, JoinRoom, LeaveRoom, Room, TypingIn};
 use super::session::{SessionOutbox, Shutdown};
 use crate::metrics::Metrics;
 use crate::protocol::{frames, ChatMessage, User};
@@ -65,6 +65,13 @@ pub struct Typing {
 #[rtype(result = "()")]
 pub struct Publish {
     pub message: ChatMessage,
+}
+
+/// The members (distinct users) of a room on this node.
+#[derive(Message)]
+#[rtype(result = "Vec<User>")]
+pub struct Members {
+    pub room: String,
 }
 
 /// Rooms with local members and how many distinct users are in each.
@@ -188,6 +195,19 @@ impl Handler<Publish> for RoomRegistry {
                 frame,
             });
         }
+    }
+}
+
+impl Handler<Members> for RoomRegistry {
+    type Result = ResponseFuture<Vec<User>>;
+    fn handle(&mut self, msg: Members, _: &mut Context<Self>) -> Self::Result {
+        let ask = self.rooms.get(&msg.room).map(|e| e.addr.send(GetMembers));
+        Box::pin(async move {
+            match ask {
+                Some(ask) => ask.await.unwrap_or_default(),
+                None => Vec::new(),
+            }
+        })
     }
 }
 

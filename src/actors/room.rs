@@ -46,6 +46,11 @@ pub struct TypingIn {
     pub user: User,
 }
 
+/// The distinct users in the room.
+#[derive(Message)]
+#[rtype(result = "Vec<User>")]
+pub struct GetMembers;
+
 /// How many distinct users are in the room.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -184,6 +189,13 @@ impl Handler<TypingIn> for Room {
         }
         let frame = frames::typing(&self.name, &msg.user);
         self.tell_others(&msg.user.id, frame.into());
+    }
+}
+
+impl Handler<GetMembers> for Room {
+    type Result = MessageResult<GetMembers>;
+    fn handle(&mut self, _: GetMembers, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.member_list())
     }
 }
 

@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
 
-use super::registry::{Connect, Disconnect, Join, Leave, Typing};
+use super::registry::{Connect, Disconnect, Join, Leave, Members, Typing};
 use crate::error::ChatError;
 use crate::protocol::{frames, parse_client_frame, ChatMessage, ClientOp, User};
 use crate::store::NewMessage;
@@ -448,7 +448,11 @@ impl WsSession {
                 if matches!(state, RoomState::Live) {
                     *state = RoomState::Replaying { held: Vec::new() };
                 }
-                self.replay(room, since.unwrap_or(0), since.is_some(), Vec::new(), ctx);
+                let members = self.app.registry.send(Members { room: room.clone() });
+                ctx.wait(members.into_actor(self).map(move |members, act, ctx| {
+                    let members = members.unwrap_or_default();
+                    act.replay(room, since.unwrap_or(0), since.is_some(), members, ctx);
+                }));
             }
             None if joined >= max_rooms => {
                 let e = ChatError::Forbidden(format!("at most {max_rooms} rooms per connection"));
