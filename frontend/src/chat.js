@@ -4,6 +4,19 @@
 import { ChatClient } from './lib/client.js';
 import { createApi } from './lib/api.js';
 import { createPrefs } from './lib/prefs.js';
+import { normalizeRoom, roomProblem } from './lib/validate.js';
+
+/** The room named in the address (`/#rust`), if it is a valid room name. */
+export function roomFromHash() {
+  let raw = location.hash.replace(/^#/, '');
+  try {
+    raw = decodeURIComponent(raw);
+  } catch {
+    return null;
+  }
+  const name = normalizeRoom(raw);
+  return name && !roomProblem(name) ? name : null;
+}
 
 function localStore() {
   try {
@@ -20,6 +33,7 @@ export const client = new ChatClient({
   wsUrl: (token) =>
     `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws?token=${encodeURIComponent(token)}`,
   isOnline: () => navigator.onLine !== false,
+  initialRoom: roomFromHash,
 });
 
 window.addEventListener('online', () => client.networkChanged(true));

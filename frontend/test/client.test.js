@@ -128,7 +128,8 @@ describe('ChatClient', () => {
     ws.frame({ op: 'error', code: 'too_large', message: 'text is longer than 4000 characters', ref: cid });
     const p = client.getState().rooms[0].pending[0];
     expect(p.status).toBe('failed');
-    expect(p.error.text).toMatch(/long/);
+    expect(p.error.text).toMatch(/4000/);
+    expect(p.error.label).toMatch(/too long/);
     expect(p.error.retryable).toBe(false);
   });
 
@@ -318,5 +319,34 @@ describe('ChatClient', () => {
     expect(ws.closed).toBe(true);
     vi.advanceTimersByTime(1000);
     expect(FakeSocket.all.length).toBeGreaterThan(1);
+  });
+});
+
+describe('ChatClient start-up details', () => {
+  it('opens the room named in the address, and makes it active', async () => {
+    const ctx = setup();
+    ctx.client.initialRoom = () => 'rust';
+    await ctx.client.signIn('alice');
+    const s = ctx.client.getState();
+    expect(s.rooms.map((r) => r.name)).toEqual(['rust']);
+    expect(s.active).toBe('rust');
+  });
+
+  it('adds the room named in the address to the rooms already open', async () => {
+    const ctx = setup();
+    ctx.prefs.setRooms(['general']);
+    ctx.client.initialRoom = () => 'rust';
+    await ctx.client.signIn('alice');
+    expect(ctx.client.getState().rooms.map((r) => r.name)).toEqual(['general', 'rust']);
+  });
+
+  it('does not mark a room seen before its messages are loaded', async () => {
+    const { client, ws } = await signedIn();
+    client.markSeen('general');
+    ws.frame({ op: 'joined', room: 'general', last_seq: 3, members: [] });
+    ws.frame({ op: 'history', room: 'general', messages: [m(1), m(2), m(3)], has_more: false });
+    expect(client.getState().rooms[0].seen).toBeNull();
+    client.markSeen('general');
+    expect(client.getState().rooms[0].seen).toBe(3);
   });
 });

@@ -57,7 +57,8 @@ describe('errors in words', () => {
       expect(e.code).toBe(code);
     }
     expect(describeError('rate_limited').text).toMatch(/too fast/);
-    expect(describeError('too_large', 'at most 4000 characters').text).toMatch(/long/);
+    expect(describeError('too_large', 'text is 4001 characters; the limit is 4000').text).toBe('Text is 4001 characters; the limit is 4000.');
+    expect(describeError('too_large').text).toMatch(/too long/);
     expect(describeError('unavailable').retryable).toBe(true);
     expect(describeError('too_large').retryable).toBe(false);
   });

@@ -67,8 +67,19 @@ export class ChatClient {
    * @param {() => boolean} [deps.isOnline] the browser's idea of the network
    * @param {() => number} [deps.random]
    * @param {() => string} [deps.newCid]
+   * @param {() => string|null} [deps.initialRoom] a room asked for by the address (a shared link)
    */
-  constructor({ api, prefs, WebSocketImpl, wsUrl, isOnline = () => true, random = Math.random, newCid = defaultCid }) {
+  constructor({
+    api,
+    prefs,
+    WebSocketImpl,
+    wsUrl,
+    isOnline = () => true,
+    random = Math.random,
+    newCid = defaultCid,
+    initialRoom = () => null,
+  }) {
+    this.initialRoom = initialRoom;
     this.api = api;
     this.prefs = prefs;
     this.WebSocketImpl = WebSocketImpl;
@@ -227,10 +238,13 @@ export class ChatClient {
     this.signInError = null;
     this.seen = user ? this.prefs.seen(user.id) : {};
     const stored = this.prefs.rooms();
-    this.open = stored.length ? [...new Set(stored)] : [DEFAULT_ROOM];
+    const wanted = this.initialRoom();
+    this.open = stored.length ? [...new Set(stored)] : [wanted || DEFAULT_ROOM];
+    if (wanted && !this.open.includes(wanted)) this.open.push(wanted);
     this.rooms = new Map(this.open.map((n) => [n, createRoom(n)]));
-    const active = this.prefs.active();
+    const active = wanted || this.prefs.active();
     this.active = active && this.open.includes(active) ? active : this.open[0];
+    this.prefs.setActive(this.active);
     this.prefs.setRooms(this.open);
     this.attempt = 0;
     this.everConnected = false;
@@ -548,7 +562,7 @@ export class ChatClient {
   /** The user has seen the room up to its latest message. */
   markSeen(name) {
     const room = this.rooms.get(name);
-    if (!room || !this.user) return;
+    if (!room || !this.user || !room.synced) return;
     const upTo = seenUpTo(room);
     if (upTo <= (this.seen[name] ?? -1)) return;
     this.seen = { ...this.seen, [name]: upTo };

@@ -35,6 +35,12 @@ export function errorLabel(code) {
   }
 }
 
+/** "text is long" → "Text is long." */
+function sentence(s) {
+  const t = s.charAt(0).toUpperCase() + s.slice(1);
+  return /[.!?…]$/.test(t) ? t : `${t}.`;
+}
+
 /**
  * Turns an error (a frame `{code, message}` or a local code) into what the
  * user reads.
@@ -47,6 +53,6 @@ export function describeError(code, message) {
   let text = words || detail || 'The server reported an error.';
   if (c === 'bad_request' && detail) text = `The server refused this: ${detail}`;
   if (c === 'forbidden' && detail) text = `Not allowed: ${detail}`;
-  if (c === 'too_large' && detail) text = `Too long: ${detail}`;
+  if (c === 'too_large' && detail) text = sentence(detail);
   return { code: c, text, detail, retryable: RETRYABLE.has(c), label: errorLabel(c) };
 }

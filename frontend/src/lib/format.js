@@ -67,7 +67,7 @@ export function isoTime(ts) {
 /** Hues far enough apart to tell authors' badges apart at a glance. */
 const HUES = [212, 262, 335, 18, 145, 190, 290, 40, 100, 0];
 
-/** A stable hue for a user id (FNV-1a over the id), for the author's initial badge. */
+/** A stable hue for a user (FNV-1a over the name), for the author's initial badge. */
 export function hueFor(id) {
   let h = 0x811c9dc5;
   for (const ch of String(id)) {
