@@ -40,6 +40,109 @@ pub struct Settings {
     pub auth: AuthSettings,
     #[serde(default)]
     pub limits: Limits,
+    /// Cluster mode: these three sections come together or not at all.
+    pub redis: Option<RedisSettings>,
+    pub kafka: Option<KafkaSettings>,
+    pub mongo: Option<MongoSettings>,
+}
+
+/// What a node does besides serving clients.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs consumer-group workers that store the Kafka log in MongoDB.
+    Persist,
+    /// Runs the cluster-wide scheduled jobs (dead-node sweep, cache warming).
+    Sweep,
+}
+
+/// Redis: sequencing, de-duplication, the recent-history cache, presence
+/// and the relay between nodes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Messages per room kept in the recent-history cache (never dropping
+    /// one MongoDB does not hold yet).
+    #[serde(default = "default_cache_size")]
+    pub cache_size: usize,
+    /// How long a room remembers the cids it has accepted.
+    #[serde(default = "default_cid_ttl")]
+    pub cid_ttl_secs: u64,
+}
+
+fn default_cache_size() -> usize {
+    500
+}
+
+fn default_cid_ttl() -> u64 {
+    7 * 24 * 3600
+}
+
+/// Kafka: the durable log of accepted messages.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topic: String,
+    /// Partitions of the topic when the node creates it.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of the topic when the node creates it.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// How long the producer waits to fill a batch.
+    #[serde(default = "default_linger")]
+    pub linger_ms: u64,
+    /// How long a produce may take before the sender gets `unavailable`.
+    #[serde(default = "default_message_timeout")]
+    pub message_timeout_ms: u64,
+    /// Consumer group of the persist workers.
+    #[serde(default = "default_group")]
+    pub group: String,
+}
+
+fn default_partitions() -> i32 {
+    12
+}
+
+fn default_replication() -> i32 {
+    1
+}
+
+fn default_linger() -> u64 {
+    2
+}
+
+fn default_message_timeout() -> u64 {
+    10_000
+}
+
+fn default_group() -> String {
+    "scalable-chat-persist".into()
+}
+
+/// MongoDB: long-term message storage and history.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSettings {
+    pub url: String,
+    pub database: String,
+    /// Most messages a persist worker writes in one insert.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+}
+
+fn default_batch() -> usize {
+    500
+}
+
+/// The three services of cluster mode, once checked to be all present.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    pub redis: RedisSettings,
+    pub kafka: KafkaSettings,
+    pub mongo: MongoSettings,
 }
 
 /// Identity and local storage of this node.
@@ -50,6 +153,8 @@ pub struct NodeSettings {
     pub id: String,
     /// Where the embedded store keeps its database file.
     pub data_dir: PathBuf,
+    /// Extra jobs this node takes on in cluster mode.
+    pub roles: Vec<Role>,
 }
 
 impl Default for NodeSettings {
@@ -57,6 +162,7 @@ impl Default for NodeSettings {
         Self {
             id: "node-1".into(),
             data_dir: PathBuf::from("./data/node-1"),
+            roles: vec![Role::Persist, Role::Sweep],
         }
     }
 }
@@ -177,6 +283,9 @@ impl Settings {
                     path: origin.to_string(),
                     message: e.message().to_string(),
                 })?;
+        // Overrides read as TOML but not as strings: if one of them is where
+        // a string belongs, it is retried as the plain string it also is.
+        let mut retypable: Vec<(String, String, String)> = Vec::new();
         for (var, raw) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -200,13 +309,33 @@ impl Settings {
                     message: "must be a table".into(),
                 });
             };
-            section_table.insert(key, env_value(&raw));
+            let value = env_value(&raw);
+            if !value.is_str() {
+                retypable.push((section.clone(), key.clone(), raw.clone()));
+            }
+            section_table.insert(key, value);
         }
-        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Key {
-                key: e.path().to_string(),
-                message: e.inner().message().to_string(),
-            })?;
+        let settings: Settings = loop {
+            match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+                Ok(s) => break s,
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let found = retypable
+                        .iter()
+                        .position(|(sec, key, _)| path == format!("{sec}.{key}"));
+                    let Some(i) = found else {
+                        return Err(ConfigError::Key {
+                            key: path,
+                            message: e.inner().message().to_string(),
+                        });
+                    };
+                    let (sec, key, raw) = retypable.swap_remove(i);
+                    if let Some(toml::Value::Table(t)) = table.get_mut(&sec) {
+                        t.insert(key, toml::Value::String(raw));
+                    }
+                }
+            }
+        };
         settings.check()?;
         Ok(settings)
     }
@@ -259,7 +388,47 @@ impl Settings {
         if l.max_rooms_per_session == 0 {
             return fail("limits.max_rooms_per_session", "must be positive");
         }
+        let present = [
+            ("redis", self.redis.is_some()),
+            ("kafka", self.kafka.is_some()),
+            ("mongo", self.mongo.is_some()),
+        ];
+        if present.iter().any(|(_, p)| *p) {
+            if let Some((missing, _)) = present.iter().find(|(_, p)| !*p) {
+                return fail(
+                    missing,
+                    "cluster mode needs the [redis], [kafka] and [mongo] sections together",
+                );
+            }
+        }
+        if let Some(k) = &self.kafka {
+            if k.partitions < 1 {
+                return fail("kafka.partitions", "must be positive");
+            }
+            if k.topic.is_empty() {
+                return fail("kafka.topic", "must not be empty");
+            }
+        }
+        if let Some(r) = &self.redis {
+            if r.cache_size == 0 {
+                return fail("redis.cache_size", "must be positive");
+            }
+        }
+        if let Some(m) = &self.mongo {
+            if m.batch_size == 0 {
+                return fail("mongo.batch_size", "must be positive");
+            }
+        }
         Ok(())
+    }
+
+    /// The cluster services, or `None` in standalone mode.
+    pub fn cluster(&self) -> Option<ClusterSettings> {
+        Some(ClusterSettings {
+            redis: self.redis.clone()?,
+            kafka: self.kafka.clone()?,
+            mongo: self.mongo.clone()?,
+        })
     }
 }
 
@@ -306,7 +475,7 @@ mod tests {
             env(&[
                 ("SCALABLE_CHAT__HTTP__BIND", "0.0.0.0:9000"),
                 ("SCALABLE_CHAT__LIMITS__RATE_BURST", "7"),
-                ("SCALABLE_CHAT__NODE__ID", "n7"),
+                ("SCALABLE_CHAT__NODE__ID", "7"),
                 ("SCALABLE_CHAT__HTTP__ALLOWED_ORIGINS", "[\"http://a\"]"),
                 ("UNRELATED", "x"),
             ]),
@@ -314,7 +483,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.http.bind.to_string(), "0.0.0.0:9000");
         assert_eq!(s.limits.rate_burst, 7);
-        assert_eq!(s.node.id, "n7");
+        assert_eq!(s.node.id, "7");
         assert_eq!(s.http.allowed_origins, vec!["http://a".to_string()]);
     }
 
@@ -364,6 +533,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("limits.client_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn half_configured_cluster_names_the_missing_section() {
+        let text = format!(
+            "{MINIMAL}[redis]\nurl = \"redis://127.0.0.1\"\n[kafka]\nbrokers = \"b\"\ntopic = \"t\"\n"
+        );
+        let e = Settings::parse(&text, "t", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`mongo`"), "{e}");
+        let full = format!("{text}[mongo]\nurl = \"mongodb://x\"\ndatabase = \"d\"\n");
+        let s = Settings::parse(&full, "t", Vec::new()).unwrap();
+        let c = s.cluster().unwrap();
+        assert_eq!(c.kafka.partitions, 12);
+        assert_eq!(c.redis.cache_size, 500);
+    }
+
+    #[test]
+    fn shipped_cluster_configs_parse() {
+        for text in [
+            include_str!("../config/node-1.toml"),
+            include_str!("../config/node-2.toml"),
+            include_str!("../config/node-3.toml"),
+        ] {
+            let s = Settings::parse(text, "node", Vec::new()).unwrap();
+            assert!(s.cluster().is_some());
+        }
     }
 
     #[test]

@@ -79,17 +79,26 @@ impl Node {
     /// called inside an actix system.
     pub async fn start(settings: Settings) -> Result<Node, StartError> {
         let metrics = Arc::new(Metrics::default());
-        let registry = RoomRegistry::new(metrics.clone()).start();
-        let bus = registry.clone();
-        let store = EmbeddedStore::open(
-            &settings.node.data_dir,
-            Box::new(move |message| bus.do_send(Publish { message })),
-        )
-        .map_err(StartError::Store)?;
+        // The registry's address exists before the registry, because the
+        // store reports durable messages to it.
+        let registry_ctx = actix::Context::<RoomRegistry>::new();
+        let bus = registry_ctx.address();
+        let store: Arc<dyn MessageStore> = Arc::new(
+            EmbeddedStore::open(
+                &settings.node.data_dir,
+                Box::new(move |message| bus.do_send(Publish { message })),
+            )
+            .map_err(StartError::Store)?,
+        );
+        let registry = registry_ctx.run(RoomRegistry::new(
+            settings.node.id.clone(),
+            store.clone(),
+            metrics.clone(),
+        ));
         Scheduler::new(metrics.clone(), settings.node.id.clone()).start();
         let app = Arc::new(AppState {
             tokens: Tokens::new(&settings.auth.secret, settings.auth.token_ttl_secs),
-            store: Arc::new(store),
+            store,
             registry,
             metrics,
             draining: AtomicBool::new(false),

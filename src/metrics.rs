@@ -27,6 +27,16 @@ pub struct Metrics {
     pub frames_dropped: AtomicU64,
     /// Sessions closed because they read too slowly.
     pub slow_closes: AtomicU64,
+    /// Messages handed to the Kafka producer and not yet acknowledged.
+    pub producer_queue: AtomicI64,
+    /// Records in the topic not yet stored by this node's persist workers.
+    pub consumer_lag: AtomicI64,
+    /// Batches written to MongoDB by this node's persist workers.
+    pub persist_batches: AtomicU64,
+    /// Messages in those batches.
+    pub persist_messages: AtomicU64,
+    /// Times the Redis relay connection was re-established.
+    pub redis_reconnects: AtomicU64,
     errors: [AtomicU64; ChatError::CODES.len()],
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
@@ -80,6 +90,21 @@ impl Metrics {
                 "# HELP scalable_chat_{name} {help}\n# TYPE scalable_chat_{name} counter\nscalable_chat_{name} {v}"
             );
         };
+        counter(
+            "persist_batches_total",
+            "Batches written to MongoDB by this node.",
+            self.persist_batches.load(Relaxed),
+        );
+        counter(
+            "persist_messages_total",
+            "Messages written to MongoDB by this node (sum of batch sizes).",
+            self.persist_messages.load(Relaxed),
+        );
+        counter(
+            "redis_reconnects_total",
+            "Times the Redis relay connection was re-established.",
+            self.redis_reconnects.load(Relaxed),
+        );
         counter(
             "messages_in_total",
             "Messages accepted from clients.",

@@ -65,6 +65,20 @@ pub enum ClientOp {
     },
 }
 
+impl ClientOp {
+    /// The `op` of the frame, used as the `ref` of errors about it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientOp::Join { .. } => "join",
+            ClientOp::Leave { .. } => "leave",
+            ClientOp::Send { .. } => "send",
+            ClientOp::Typing { .. } => "typing",
+            ClientOp::History { .. } => "history",
+            ClientOp::Ping { .. } => "ping",
+        }
+    }
+}
+
 /// The raw shape of client frames, before the checks serde cannot do.
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]

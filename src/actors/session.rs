@@ -14,7 +14,7 @@
 //! is shut down from outside. Either way the room and every other member
 //! go on at full speed, and the cut-off client can resume with `join since`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::Shutdown as SocketShutdown;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -41,6 +41,10 @@ use crate::AppState;
 const REPLAY_PAGE: usize = 500;
 /// How long a replay waits before checking a busy queue again.
 const REPLAY_BACKOFF: Duration = Duration::from_millis(20);
+
+/// How long a cut-off slow reader has to take its close frame before its
+/// socket is shut.
+const SLOW_READER_GRACE: Duration = Duration::from_secs(2);
 
 /// The node is draining: finish what was accepted, then close.
 #[derive(Message)]
@@ -127,23 +131,27 @@ impl SessionOutbox {
         addr.do_send(Outbound { frame, kind });
     }
 
-    /// Closes a connection that reads too slowly.
+    /// Closes a connection that reads too slowly: with a 1008 close frame
+    /// if its session still runs, and by shutting its socket after
+    /// [`SLOW_READER_GRACE`] if it does not (its actor is parked behind the
+    /// full socket and would never see the request).
     fn cut_off(&self) {
         if self.closing.swap(true, Relaxed) {
             return;
         }
         self.app.metrics.slow_closes.fetch_add(1, Relaxed);
         log::warn!("Closing a slow reader: its outbound queue is full.");
-        match &self.conn {
-            Some(conn) => conn.shutdown(),
-            None => {
-                if let Some(addr) = self.addr.get() {
-                    addr.do_send(Outbound {
-                        frame: ByteString::new(),
-                        kind: FrameKind::Droppable,
-                    });
-                }
-            }
+        if let Some(addr) = self.addr.get() {
+            addr.do_send(Outbound {
+                frame: ByteString::new(),
+                kind: FrameKind::Droppable,
+            });
+        }
+        if let Some(conn) = self.conn.clone() {
+            actix::spawn(async move {
+                tokio::time::sleep(SLOW_READER_GRACE).await;
+                conn.shutdown();
+            });
         }
     }
 
@@ -252,6 +260,8 @@ pub struct WsSession {
     partial: Option<Partial>,
     /// Sends waiting for the store; a draining session closes at zero.
     in_flight: usize,
+    /// Bytes of live messages held while rooms replay.
+    held_bytes: usize,
     draining: bool,
 }
 
@@ -285,6 +295,7 @@ impl WsSession {
             rooms: HashMap::new(),
             partial: None,
             in_flight: 0,
+            held_bytes: 0,
             draining: false,
             app: app.clone(),
         };
@@ -339,8 +350,8 @@ impl WsSession {
         if !is_ping && !self.rate.take(Instant::now()) {
             let reference = match &parsed {
                 Ok(ClientOp::Send { cid, .. }) => Some(cid.as_str()),
+                Ok(op) => Some(op.name()),
                 Err(e) => e.reference.as_deref(),
-                Ok(_) => None,
             };
             self.emit_error(ctx, &ChatError::RateLimited, reference);
             return;
@@ -359,9 +370,8 @@ impl WsSession {
                     return self.emit_error(ctx, &ChatError::NotJoined, Some("leave"));
                 };
                 if let RoomState::Replaying { held } = state {
-                    for (_, frame) in held {
-                        self.outbox.release(wire_len(frame.len()));
-                    }
+                    let bytes: usize = held.iter().map(|(_, f)| wire_len(f.len())).sum();
+                    self.held_bytes = self.held_bytes.saturating_sub(bytes);
                 }
                 self.app.registry.do_send(Leave {
                     session_id: self.id,
@@ -496,42 +506,50 @@ impl WsSession {
             return;
         }
         let page = self.app.store.after(&room, cursor, REPLAY_PAGE);
-        ctx.spawn(page.into_actor(self).map(move |page, act, ctx| {
-            let page: Vec<ChatMessage> = match page {
-                Ok(page) => page,
-                Err(e) => return act.fail_join(&room, &e, ctx),
-            };
-            if !act.rooms.contains_key(&room) {
-                return; // left meanwhile
+        ctx.spawn(page.into_actor(self).map(move |page, act, ctx| match page {
+            Ok(page) => {
+                let full = page.len() == REPLAY_PAGE;
+                act.write_replay(room, page.into(), full, cursor, members, ctx);
             }
-            let full = page.len() == REPLAY_PAGE;
-            let mut next = cursor;
-            for m in &page {
-                next = m.seq;
-                act.emit(ctx, frames::msg(m));
-            }
-            act.app
-                .metrics
-                .messages_out
-                .fetch_add(page.len() as u64, Relaxed);
-            if full {
-                // Let the socket drain before the next page.
-                let delay = if act.outbox.queued.load(Relaxed) > act.outbox.soft {
-                    REPLAY_BACKOFF
-                } else {
-                    Duration::ZERO
-                };
-                ctx.run_later(delay, move |act, ctx| {
-                    act.replay(room, next, true, members, ctx);
-                });
-            } else {
-                let last = act.app.store.last_seq(&room);
-                ctx.spawn(last.into_actor(act).map(move |last, act, ctx| {
-                    let last_seq = last.unwrap_or(next).max(next);
-                    act.finish_join(&room, next, last_seq, &members, ctx);
-                }));
-            }
+            Err(e) => act.fail_join(&room, &e, ctx),
         }));
+    }
+
+    /// Writes replayed messages while the socket keeps up (the queue stays
+    /// under the soft limit), waiting for it to drain when it does not.
+    fn write_replay(
+        &mut self,
+        room: String,
+        mut page: VecDeque<ChatMessage>,
+        full: bool,
+        mut cursor: u64,
+        members: Vec<User>,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        if !self.rooms.contains_key(&room) {
+            return; // left meanwhile
+        }
+        while self.outbox.queued.load(Relaxed) <= self.outbox.soft {
+            let Some(m) = page.pop_front() else {
+                break;
+            };
+            cursor = m.seq;
+            self.app.metrics.messages_out.fetch_add(1, Relaxed);
+            self.emit(ctx, frames::msg(&m));
+        }
+        if !page.is_empty() {
+            ctx.run_later(REPLAY_BACKOFF, move |act, ctx| {
+                act.write_replay(room, page, full, cursor, members, ctx);
+            });
+        } else if full {
+            self.replay(room, cursor, true, members, ctx);
+        } else {
+            let last = self.app.store.last_seq(&room);
+            ctx.spawn(last.into_actor(self).map(move |last, act, ctx| {
+                let last_seq = last.unwrap_or(cursor);
+                act.finish_join(&room, cursor, last_seq, &members, ctx);
+            }));
+        }
     }
 
     fn finish_join(
@@ -549,6 +567,7 @@ impl WsSession {
             RoomState::Replaying { held } => held,
             RoomState::Live => Vec::new(),
         };
+        self.held_bytes = 0;
         let members = if members.is_empty() {
             vec![self.user.clone()]
         } else {
@@ -557,9 +576,8 @@ impl WsSession {
         self.emit(ctx, frames::joined(room, last_seq, &members));
         for (seq, frame) in held {
             if seq > replayed_to {
+                self.outbox.account(wire_len(frame.len()));
                 ctx.text(frame);
-            } else {
-                self.outbox.release(wire_len(frame.len()));
             }
         }
     }
@@ -567,9 +585,8 @@ impl WsSession {
     fn fail_join(&mut self, room: &str, e: &ChatError, ctx: &mut WebsocketContext<Self>) {
         log::warn!("Join of {room} failed: {e:?}.");
         if let Some(RoomState::Replaying { held }) = self.rooms.remove(room) {
-            for (_, frame) in held {
-                self.outbox.release(wire_len(frame.len()));
-            }
+            let bytes: usize = held.iter().map(|(_, f)| wire_len(f.len())).sum();
+            self.held_bytes = self.held_bytes.saturating_sub(bytes);
         }
         self.app.registry.do_send(Leave {
             session_id: self.id,
@@ -668,16 +685,28 @@ impl Handler<Outbound> for WsSession {
     fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
         if self.outbox.closing.load(Relaxed) {
             if msg.frame.is_empty() {
-                // The outbox cut this session off and had no socket to shut.
+                // The outbox cut this session off.
                 self.close(ctx, CloseCode::Policy, "slow reader: outbound queue full");
             }
             return;
         }
         if let FrameKind::Message { room, seq } = &msg.kind {
+            let size = wire_len(msg.frame.len());
             match self.rooms.get_mut(&**room) {
-                Some(RoomState::Replaying { held }) => return held.push((*seq, msg.frame)),
+                Some(RoomState::Replaying { held }) => {
+                    // Held frames wait outside the queue (so the replay can
+                    // drain it), but within the same hard bound.
+                    held.push((*seq, msg.frame));
+                    self.outbox.release(size);
+                    self.held_bytes += size;
+                    if self.held_bytes > self.outbox.hard {
+                        self.app.metrics.slow_closes.fetch_add(1, Relaxed);
+                        self.close(ctx, CloseCode::Policy, "slow reader: too far behind");
+                    }
+                    return;
+                }
                 Some(RoomState::Live) => {}
-                None => return self.outbox.release(wire_len(msg.frame.len())),
+                None => return self.outbox.release(size),
             }
         }
         ctx.text(msg.frame);
