@@ -12,10 +12,14 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use futures_util::future::join_all;
 
-use super::room::{CountUsers, Deliver, GetMembers, JoinRoom, LeaveRoom, Room, TypingIn};
+use super::redis_bridge::{Event, RedisBridge, Subscribe, Unsubscribe};
+use super::room::{
+    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, LeaveRoom, Remote, Room, TypingIn,
+};
 use super::session::{SessionOutbox, Shutdown};
 use crate::metrics::Metrics;
 use crate::protocol::{frames, ChatMessage, User};
+use crate::store::MessageStore;
 
 /// A session opened; it will be told to close when the node drains.
 #[derive(Message)]
@@ -74,6 +78,25 @@ pub struct Members {
     pub room: String,
 }
 
+/// Presence or typing published by another node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteEvent {
+    pub event: Event,
+}
+
+/// The relay reconnected: every room backfills what it may have missed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync;
+
+/// Cluster mode: relay rooms through this bridge from now on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachBridge {
+    pub bridge: Addr<RedisBridge>,
+}
+
 /// Rooms with local members and how many distinct users are in each.
 #[derive(Message)]
 #[rtype(result = "HashMap<String, usize>")]
@@ -95,14 +118,21 @@ struct RoomEntry {
 pub struct RoomRegistry {
     rooms: HashMap<String, RoomEntry>,
     sessions: HashMap<u64, Recipient<Shutdown>>,
+    node_id: String,
+    store: Arc<dyn MessageStore>,
+    /// Cluster mode only: the relay to the other nodes.
+    bridge: Option<Addr<RedisBridge>>,
     metrics: Arc<Metrics>,
 }
 
 impl RoomRegistry {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(node_id: String, store: Arc<dyn MessageStore>, metrics: Arc<Metrics>) -> Self {
         Self {
             rooms: HashMap::new(),
             sessions: HashMap::new(),
+            node_id,
+            store,
+            bridge: None,
             metrics,
         }
     }
@@ -117,6 +147,11 @@ impl RoomRegistry {
             // Dropping the last address stops the room once its mailbox,
             // with the leave just sent, is empty.
             self.rooms.remove(room);
+            if let Some(bridge) = &self.bridge {
+                bridge.do_send(Unsubscribe {
+                    room: room.to_string(),
+                });
+            }
         }
     }
 }
@@ -145,14 +180,28 @@ impl Handler<Disconnect> for RoomRegistry {
 impl Handler<Join> for RoomRegistry {
     type Result = ResponseFuture<Vec<User>>;
     fn handle(&mut self, msg: Join, _: &mut Context<Self>) -> Self::Result {
-        let metrics = self.metrics.clone();
-        let entry = self
-            .rooms
-            .entry(msg.room.clone())
-            .or_insert_with(|| RoomEntry {
-                addr: Room::new(msg.room.clone(), metrics).start(),
-                sessions: 0,
-            });
+        let mut subscribed = None;
+        let entry = match self.rooms.entry(msg.room.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let room = Room::new(
+                    msg.room.clone(),
+                    self.node_id.clone(),
+                    self.store.clone(),
+                    self.bridge.clone(),
+                    self.metrics.clone(),
+                );
+                subscribed = self.bridge.as_ref().map(|b| {
+                    b.send(Subscribe {
+                        room: msg.room.clone(),
+                    })
+                });
+                e.insert(RoomEntry {
+                    addr: room.start(),
+                    sessions: 0,
+                })
+            }
+        };
         entry.sessions += 1;
         // `send` enqueues now, so the join is ahead of any later message.
         let reply = entry.addr.send(JoinRoom {
@@ -160,7 +209,14 @@ impl Handler<Join> for RoomRegistry {
             user: msg.user,
             outbox: msg.outbox,
         });
-        Box::pin(async move { reply.await.unwrap_or_default() })
+        Box::pin(async move {
+            // The session reads history only once the relay is live, so
+            // nothing published in between is missed.
+            if let Some(subscribed) = subscribed {
+                let _ = subscribed.await;
+            }
+            reply.await.unwrap_or_default()
+        })
     }
 }
 
@@ -208,6 +264,35 @@ impl Handler<Members> for RoomRegistry {
                 None => Vec::new(),
             }
         })
+    }
+}
+
+impl Handler<RemoteEvent> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: RemoteEvent, _: &mut Context<Self>) {
+        let room = match &msg.event {
+            Event::Presence { room, .. } | Event::Typing { room, .. } => room,
+            Event::Msg { m, .. } => &m.room,
+        };
+        if let Some(entry) = self.rooms.get(room) {
+            entry.addr.do_send(Remote { event: msg.event });
+        }
+    }
+}
+
+impl Handler<Resync> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, _: Resync, _: &mut Context<Self>) {
+        for entry in self.rooms.values() {
+            entry.addr.do_send(Backfill);
+        }
+    }
+}
+
+impl Handler<AttachBridge> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, msg: AttachBridge, _: &mut Context<Self>) {
+        self.bridge = Some(msg.bridge);
     }
 }
 

@@ -1,18 +1,28 @@
 //! `Room`: one per room with members on this node. Keeps the local members,
-//! tells them who comes and goes, relays typing, and fans each durable
-//! message out to them in `seq` order. A room actor holds no message data:
-//! it stops when the registry drops it after its last member leaves.
+//! tells them who comes and goes (here and, through the `RedisBridge`, on
+//! other nodes), relays typing, and fans each durable message out to them in
+//! `seq` order. A room actor holds no message data: it stops when the
+//! registry drops it after its last local member leaves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytestring::ByteString;
 
+use super::redis_bridge::{Broadcast, Event, RedisBridge, RemoteMembers};
 use super::session::{FrameKind, SessionOutbox};
 use crate::metrics::Metrics;
 use crate::protocol::{frames, User};
+use crate::store::MessageStore;
+
+/// How long a message waits for a lower seq still in flight on another
+/// node before that seq is given up as failed.
+const HOLD_BACK: Duration = Duration::from_millis(500);
+/// Messages read per step when a room backfills after a relay gap.
+const BACKFILL_PAGE: usize = 500;
 
 /// A session joins; answers the members (distinct users) after the join.
 #[derive(Message)]
@@ -46,6 +56,19 @@ pub struct TypingIn {
     pub user: User,
 }
 
+/// Presence or typing from another node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Remote {
+    pub event: Event,
+}
+
+/// The relay had a gap: deliver what was stored after the last delivered
+/// seq.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Backfill;
+
 /// The distinct users in the room.
 #[derive(Message)]
 #[rtype(result = "Vec<User>")]
@@ -61,25 +84,96 @@ struct Member {
     outbox: Arc<SessionOutbox>,
 }
 
+/// Puts messages from any number of nodes back in `seq` order: a message
+/// waits while a lower seq may still be in flight, at most [`HOLD_BACK`];
+/// a seq already passed is a duplicate.
+#[derive(Default)]
+struct SeqGate {
+    /// Highest seq delivered; `None` before the first.
+    delivered: Option<u64>,
+    /// Messages waiting for a lower seq, with when they arrived.
+    held: BTreeMap<u64, (Instant, ByteString)>,
+}
+
+impl SeqGate {
+    /// Takes a message; returns what may be delivered now, in order.
+    fn offer(&mut self, seq: u64, frame: ByteString, now: Instant) -> Vec<(u64, ByteString)> {
+        match self.delivered {
+            Some(d) if seq <= d => Vec::new(),
+            Some(d) if seq > d + 1 => {
+                self.held.entry(seq).or_insert((now, frame));
+                Vec::new()
+            }
+            _ => {
+                self.delivered = Some(seq);
+                let mut out = vec![(seq, frame)];
+                self.release_contiguous(&mut out);
+                out
+            }
+        }
+    }
+
+    /// Gives up on missing seqs whose successors waited too long.
+    fn expire(&mut self, now: Instant) -> Vec<(u64, ByteString)> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.held.first_entry() {
+            if now.saturating_duration_since(entry.get().0) < HOLD_BACK {
+                break;
+            }
+            let (seq, (_, frame)) = entry.remove_entry();
+            self.delivered = Some(seq);
+            out.push((seq, frame));
+            self.release_contiguous(&mut out);
+        }
+        out
+    }
+
+    fn release_contiguous(&mut self, out: &mut Vec<(u64, ByteString)>) {
+        while let Some(d) = self.delivered {
+            match self.held.remove(&(d + 1)) {
+                Some((_, frame)) => {
+                    self.delivered = Some(d + 1);
+                    out.push((d + 1, frame));
+                }
+                None => break,
+            }
+        }
+    }
+}
+
 /// The live state of one room on this node.
 pub struct Room {
     name: Arc<str>,
+    node_id: String,
     members: HashMap<u64, Member>,
     /// Sessions per user id: presence changes only on a user's first
     /// session in and last session out.
     users: HashMap<String, usize>,
-    /// Highest seq delivered; a message at or below it is a duplicate.
-    delivered: u64,
+    /// Users present on other nodes, by (node, user id).
+    remote: HashMap<(String, String), User>,
+    gate: SeqGate,
+    store: Arc<dyn MessageStore>,
+    bridge: Option<Addr<RedisBridge>>,
     metrics: Arc<Metrics>,
 }
 
 impl Room {
-    pub fn new(name: String, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        name: String,
+        node_id: String,
+        store: Arc<dyn MessageStore>,
+        bridge: Option<Addr<RedisBridge>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             name: name.into(),
+            node_id,
             members: HashMap::new(),
             users: HashMap::new(),
-            delivered: 0,
+            remote: HashMap::new(),
+            gate: SeqGate::default(),
+            store,
+            bridge,
             metrics,
         }
     }
@@ -89,13 +183,16 @@ impl Room {
         for m in self.members.values() {
             seen.entry(m.user.id.as_str()).or_insert(&m.user);
         }
+        for user in self.remote.values() {
+            seen.entry(user.id.as_str()).or_insert(user);
+        }
         let mut list: Vec<User> = seen.into_values().cloned().collect();
         list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         list
     }
 
-    /// Sends a presence or typing frame to every session but `except`'s
-    /// user.
+    /// Sends a presence or typing frame to every session but those of
+    /// `except_user`.
     fn tell_others(&self, except_user: &str, frame: ByteString) {
         for m in self.members.values() {
             if m.user.id != except_user {
@@ -103,19 +200,80 @@ impl Room {
             }
         }
     }
+
+    fn broadcast(&self, event: Event) {
+        if let Some(bridge) = &self.bridge {
+            bridge.do_send(Broadcast {
+                room: self.name.to_string(),
+                event,
+            });
+        }
+    }
+
+    fn fan_out(&self, ready: Vec<(u64, ByteString)>) {
+        for (seq, frame) in ready {
+            for m in self.members.values() {
+                m.outbox.push(
+                    frame.clone(),
+                    FrameKind::Message {
+                        room: self.name.clone(),
+                        seq,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Reads stored messages after the last delivered seq, a page at a
+    /// time, into the gate.
+    fn backfill(&mut self, ctx: &mut Context<Self>) {
+        let Some(from) = self.gate.delivered else {
+            return;
+        };
+        let page = self.store.after(&self.name, from, BACKFILL_PAGE);
+        ctx.spawn(page.into_actor(self).map(|page, act, ctx| match page {
+            Ok(page) => {
+                let more = page.len() == BACKFILL_PAGE;
+                let now = Instant::now();
+                for m in &page {
+                    let ready = act.gate.offer(m.seq, frames::msg(m).into(), now);
+                    act.fan_out(ready);
+                }
+                if more {
+                    act.backfill(ctx);
+                }
+            }
+            Err(e) => log::warn!("Backfill of {} failed: {e:?}.", act.name),
+        }));
+    }
 }
 
 impl Actor for Room {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         self.metrics.rooms.fetch_add(1, Relaxed);
-        log::debug!("Room {} started.", self.name);
+        if let Some(bridge) = &self.bridge {
+            let ask = bridge.send(RemoteMembers {
+                room: self.name.to_string(),
+            });
+            ctx.wait(ask.into_actor(self).map(|remote, act, _| {
+                for (node, user) in remote.unwrap_or_default() {
+                    act.remote.insert((node, user.id.clone()), user);
+                }
+            }));
+        }
+        // Release held messages whose missing predecessors never came.
+        ctx.run_interval(HOLD_BACK / 5, |act, _| {
+            if !act.gate.held.is_empty() {
+                let ready = act.gate.expire(Instant::now());
+                act.fan_out(ready);
+            }
+        });
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.metrics.rooms.fetch_sub(1, Relaxed);
-        log::debug!("Room {} stopped.", self.name);
     }
 }
 
@@ -127,6 +285,12 @@ impl Handler<JoinRoom> for Room {
         if *count == 1 {
             let frame = frames::presence(&self.name, std::slice::from_ref(&msg.user), &[]);
             self.tell_others(&msg.user.id, frame.into());
+            self.broadcast(Event::Presence {
+                node: self.node_id.clone(),
+                room: self.name.to_string(),
+                joined: vec![msg.user.clone()],
+                left: Vec::new(),
+            });
         }
         self.members.insert(
             msg.session_id,
@@ -158,6 +322,12 @@ impl Handler<LeaveRoom> for Room {
         if last {
             let frame = frames::presence(&self.name, &[], std::slice::from_ref(&member.user));
             self.tell_others(&member.user.id, frame.into());
+            self.broadcast(Event::Presence {
+                node: self.node_id.clone(),
+                room: self.name.to_string(),
+                joined: Vec::new(),
+                left: vec![member.user],
+            });
         }
     }
 }
@@ -165,19 +335,8 @@ impl Handler<LeaveRoom> for Room {
 impl Handler<Deliver> for Room {
     type Result = ();
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
-        if msg.seq <= self.delivered {
-            return;
-        }
-        self.delivered = msg.seq;
-        for m in self.members.values() {
-            m.outbox.push(
-                msg.frame.clone(),
-                FrameKind::Message {
-                    room: self.name.clone(),
-                    seq: msg.seq,
-                },
-            );
-        }
+        let ready = self.gate.offer(msg.seq, msg.frame, Instant::now());
+        self.fan_out(ready);
     }
 }
 
@@ -189,6 +348,44 @@ impl Handler<TypingIn> for Room {
         }
         let frame = frames::typing(&self.name, &msg.user);
         self.tell_others(&msg.user.id, frame.into());
+        self.broadcast(Event::Typing {
+            node: self.node_id.clone(),
+            room: self.name.to_string(),
+            user: msg.user,
+        });
+    }
+}
+
+impl Handler<Remote> for Room {
+    type Result = ();
+    fn handle(&mut self, msg: Remote, _: &mut Context<Self>) {
+        match msg.event {
+            Event::Presence {
+                node, joined, left, ..
+            } => {
+                for user in &joined {
+                    self.remote
+                        .insert((node.clone(), user.id.clone()), user.clone());
+                }
+                for user in &left {
+                    self.remote.remove(&(node.clone(), user.id.clone()));
+                }
+                let frame = frames::presence(&self.name, &joined, &left);
+                self.tell_others("", frame.into());
+            }
+            Event::Typing { user, .. } => {
+                let frame = frames::typing(&self.name, &user);
+                self.tell_others(&user.id, frame.into());
+            }
+            Event::Msg { .. } => {}
+        }
+    }
+}
+
+impl Handler<Backfill> for Room {
+    type Result = ();
+    fn handle(&mut self, _: Backfill, ctx: &mut Context<Self>) {
+        self.backfill(ctx);
     }
 }
 
@@ -202,6 +399,58 @@ impl Handler<GetMembers> for Room {
 impl Handler<CountUsers> for Room {
     type Result = usize;
     fn handle(&mut self, _: CountUsers, _: &mut Context<Self>) -> usize {
-        self.users.len()
+        self.member_list().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seqs(out: &[(u64, ByteString)]) -> Vec<u64> {
+        out.iter().map(|(s, _)| *s).collect()
+    }
+
+    fn f(s: &str) -> ByteString {
+        ByteString::from(s.to_string())
+    }
+
+    #[test]
+    fn in_order_messages_pass_and_duplicates_drop() {
+        let mut g = SeqGate::default();
+        let t = Instant::now();
+        assert_eq!(seqs(&g.offer(5, f("5"), t)), vec![5]);
+        assert_eq!(seqs(&g.offer(6, f("6"), t)), vec![6]);
+        assert!(g.offer(6, f("6"), t).is_empty());
+        assert!(g.offer(3, f("3"), t).is_empty());
+    }
+
+    #[test]
+    fn a_gap_holds_back_until_filled() {
+        let mut g = SeqGate::default();
+        let t = Instant::now();
+        g.offer(1, f("1"), t);
+        assert!(g.offer(3, f("3"), t).is_empty());
+        assert!(g.offer(4, f("4"), t).is_empty());
+        assert_eq!(seqs(&g.offer(2, f("2"), t)), vec![2, 3, 4]);
+        assert!(g.held.is_empty());
+    }
+
+    #[test]
+    fn a_seq_that_never_comes_is_skipped_after_the_hold() {
+        let mut g = SeqGate::default();
+        let t = Instant::now();
+        g.offer(1, f("1"), t);
+        g.offer(3, f("3"), t);
+        g.offer(5, f("5"), t + Duration::from_millis(300));
+        assert!(g.expire(t + HOLD_BACK / 2).is_empty());
+        // 3 waited long enough; 5 has not yet, but 4 is missing too.
+        assert_eq!(seqs(&g.expire(t + HOLD_BACK)), vec![3]);
+        assert_eq!(
+            seqs(&g.expire(t + Duration::from_millis(300) + HOLD_BACK)),
+            vec![5]
+        );
+        // The skipped seq arriving late is not delivered out of order.
+        assert!(g.offer(2, f("2"), t + HOLD_BACK * 3).is_empty());
     }
 }

@@ -3,6 +3,7 @@
 //! store; cluster mode fills the same seam with Redis, Kafka and MongoDB.
 
 pub mod embedded;
+pub mod keys;
 
 use futures_util::future::BoxFuture;
 

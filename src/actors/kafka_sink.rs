@@ -1,0 +1,176 @@
+//! `KafkaSink`: one per node in cluster mode. Produces accepted messages to
+//! the topic with an idempotent producer (acks=all), key = room so a room's
+//! messages keep their order in one partition. librdkafka batches what
+//! arrives within `kafka.linger_ms`; each message's delivery report
+//! resolves its `Produce`, and only then is the message visible and acked.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::config::KafkaSettings;
+use crate::error::ChatError;
+use crate::metrics::Metrics;
+use crate::protocol::ChatMessage;
+
+/// How long a metadata request may take (readiness, topic creation).
+const METADATA_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Make one message durable in the log; resolves on its delivery report.
+#[derive(Message)]
+#[rtype(result = "Result<(), ChatError>")]
+pub struct Produce {
+    pub message: ChatMessage,
+}
+
+/// Whether the brokers answer a metadata request.
+#[derive(Message)]
+#[rtype(result = "Result<(), ChatError>")]
+pub struct CheckKafka;
+
+/// Resolves when every message produced so far has its delivery report.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FlushKafka;
+
+/// The node's Kafka producer.
+pub struct KafkaSink {
+    producer: FutureProducer,
+    topic: String,
+    metrics: Arc<Metrics>,
+}
+
+impl KafkaSink {
+    /// Creates the producer and the topic if it is missing.
+    pub async fn connect(
+        settings: &KafkaSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ChatError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", settings.linger_ms.to_string())
+            .set(
+                "message.timeout.ms",
+                settings.message_timeout_ms.to_string(),
+            )
+            .set("client.id", "scalable-chat")
+            .create()
+            .map_err(|e| ChatError::Unavailable(format!("kafka producer: {e}")))?;
+        ensure_topic(settings).await?;
+        Ok(Self {
+            producer,
+            topic: settings.topic.clone(),
+            metrics,
+        })
+    }
+}
+
+/// Creates the topic with the configured partitions unless it exists.
+async fn ensure_topic(settings: &KafkaSettings) -> Result<(), ChatError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .create()
+        .map_err(|e| ChatError::Unavailable(format!("kafka admin: {e}")))?;
+    let topic = NewTopic::new(
+        &settings.topic,
+        settings.partitions,
+        TopicReplication::Fixed(settings.replication_factor),
+    );
+    let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+    let results = admin
+        .create_topics([&topic], &opts)
+        .await
+        .map_err(|e| ChatError::Unavailable(format!("kafka: cannot create the topic: {e}")))?;
+    for result in results {
+        match result {
+            Ok(name) => log::info!(
+                "Created Kafka topic {name} with {} partitions.",
+                settings.partitions
+            ),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(ChatError::Unavailable(format!(
+                    "kafka: cannot create topic {name}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Actor for KafkaSink {
+    type Context = Context<Self>;
+}
+
+impl Handler<Produce> for KafkaSink {
+    type Result = ResponseFuture<Result<(), ChatError>>;
+
+    fn handle(&mut self, msg: Produce, _: &mut Context<Self>) -> Self::Result {
+        let payload = match serde_json::to_vec(&msg.message) {
+            Ok(p) => p,
+            Err(e) => return Box::pin(async move { Err(ChatError::Internal(e.to_string())) }),
+        };
+        let record = FutureRecord::to(&self.topic)
+            .key(msg.message.room.as_str())
+            .payload(&payload);
+        let delivery = self.producer.send_result(record).map_err(|(e, _)| e);
+        let metrics = self.metrics.clone();
+        metrics.producer_queue.fetch_add(1, Relaxed);
+        Box::pin(async move {
+            let result = match delivery {
+                Err(e) => Err(ChatError::Unavailable(format!("kafka: {e}"))),
+                Ok(report) => match report.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(ChatError::Unavailable(format!("kafka: {e}"))),
+                    Err(_) => Err(ChatError::Unavailable("kafka producer stopped".into())),
+                },
+            };
+            metrics.producer_queue.fetch_sub(1, Relaxed);
+            result
+        })
+    }
+}
+
+impl Handler<CheckKafka> for KafkaSink {
+    type Result = ResponseFuture<Result<(), ChatError>>;
+
+    fn handle(&mut self, _: CheckKafka, _: &mut Context<Self>) -> Self::Result {
+        let producer = self.producer.clone();
+        let topic = self.topic.clone();
+        Box::pin(async move {
+            let probe = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
+                    .map(|_| ())
+            })
+            .await;
+            match probe {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ChatError::Unavailable(format!("kafka: {e}"))),
+                Err(e) => Err(ChatError::Internal(e.to_string())),
+            }
+        })
+    }
+}
+
+impl Handler<FlushKafka> for KafkaSink {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: FlushKafka, _: &mut Context<Self>) -> Self::Result {
+        let producer = self.producer.clone();
+        Box::pin(async move {
+            let _ =
+                tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+        })
+    }
+}

@@ -1,0 +1,51 @@
+//! Names of the Redis keys and channels of cluster mode, in one place.
+//!
+//! Room names are checked to be `a-z 0-9 _ -` before they get here, and
+//! user ids and cids only ever appear as hash fields or values, never in a
+//! key, so nothing a client sends can shape a key. The room sits in a hash
+//! tag (`{room}`), so a Redis Cluster keeps each room's keys in one slot
+//! and the accept script can touch them together.
+
+/// The room's last accepted seq.
+pub fn seq(room: &str) -> String {
+    format!("chat:{{{room}}}:seq")
+}
+
+/// Hash of accepted cids: field `<user id>:<cid>`, value `<seq> <id> <ts>`.
+pub fn cids(room: &str) -> String {
+    format!("chat:{{{room}}}:cids")
+}
+
+/// Sorted set of recent messages (score = seq, member = message JSON).
+pub fn recent(room: &str) -> String {
+    format!("chat:{{{room}}}:recent")
+}
+
+/// Highest seq of the room that MongoDB holds (set by persist workers);
+/// the recent cache never trims above it.
+pub fn persisted(room: &str) -> String {
+    format!("chat:{{{room}}}:persisted")
+}
+
+/// Hash of members on every node: field `<node id>|<user id>`, value the
+/// user as JSON with its session count on that node.
+pub fn members(room: &str) -> String {
+    format!("chat:{{{room}}}:members")
+}
+
+/// Pub/sub channel of the room's events (messages, presence, typing).
+pub fn channel(room: &str) -> String {
+    format!("chat:{{{room}}}:events")
+}
+
+/// Set of every room that has messages.
+pub const ROOMS: &str = "chat:rooms";
+
+/// Sorted set of live nodes (score = last heartbeat, ms since the epoch).
+pub const NODES: &str = "chat:nodes";
+
+/// Set of the rooms a node has members in: lets the sweep find a dead
+/// node's members.
+pub fn node_rooms(node: &str) -> String {
+    format!("chat:node:{node}:rooms")
+}
