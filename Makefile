@@ -4,22 +4,25 @@ CARGO ?= cargo
 NPM ?= npm
 CONFIG ?= config/default.toml
 
-.PHONY: run test lint unit-test frontend frontend-test e2e services-up services-down clean
+.PHONY: run test test-all lint unit-test frontend frontend-test e2e services-up services-down cluster cluster-down clean
 
 ## run: build the web client and a release binary, start a standalone node on 127.0.0.1:8080
 run: frontend
 	$(CARGO) build --release
 	./target/release/scalable-chat --config $(CONFIG)
 
-## test: lints, every Rust test, the web client's unit tests and browser tests
-test: lint unit-test frontend-test e2e
+## test: lints, then every test with the services up (started and stopped here when not running)
+test: lint
+	scripts/with-services $(MAKE) test-all
+
+test-all: unit-test frontend-test e2e
 
 ## lint: formatting and clippy with warnings as errors
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## unit-test: Rust unit and integration tests (the integration tests start real nodes)
+## unit-test: Rust unit and integration tests (they start real nodes; cluster tests need the services)
 unit-test:
 	$(CARGO) test
 
@@ -45,6 +48,13 @@ services-up:
 
 services-down:
 	scripts/services down
+
+## cluster / cluster-down: the services and three nodes on 127.0.0.1:8081-8083
+cluster: frontend
+	scripts/cluster up
+
+cluster-down:
+	scripts/cluster down
 
 clean:
 	$(CARGO) clean
