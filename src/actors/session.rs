@@ -42,9 +42,9 @@ const REPLAY_PAGE: usize = 500;
 /// How long a replay waits before checking a busy queue again.
 const REPLAY_BACKOFF: Duration = Duration::from_millis(20);
 
-/// How long a cut-off slow reader has to take its close frame before its
-/// socket is shut.
-const SLOW_READER_GRACE: Duration = Duration::from_secs(2);
+/// How long a cut-off slow reader has to read what was queued for it, and
+/// then its close frame, before its socket is shut.
+const SLOW_READER_GRACE: Duration = Duration::from_secs(10);
 
 /// The node is draining: finish what was accepted, then close.
 #[derive(Message)]
@@ -99,6 +99,9 @@ pub struct SessionOutbox {
     queued: AtomicUsize,
     /// Set once the connection is being cut off.
     closing: AtomicBool,
+    /// Set once the session is off the connections gauge: when it is cut
+    /// off, or when it stops, whichever comes first.
+    uncounted: AtomicBool,
     conn: Option<ConnHandle>,
     soft: usize,
     hard: usize,
@@ -140,6 +143,7 @@ impl SessionOutbox {
             return;
         }
         self.app.metrics.slow_closes.fetch_add(1, Relaxed);
+        self.uncount();
         log::warn!("Closing a slow reader: its outbound queue is full.");
         if let Some(addr) = self.addr.get() {
             addr.do_send(Outbound {
@@ -152,6 +156,13 @@ impl SessionOutbox {
                 tokio::time::sleep(SLOW_READER_GRACE).await;
                 conn.shutdown();
             });
+        }
+    }
+
+    /// Takes the session off the connections gauge, once.
+    fn uncount(&self) {
+        if !self.uncounted.swap(true, Relaxed) {
+            self.app.metrics.connections.fetch_sub(1, Relaxed);
         }
     }
 
@@ -280,6 +291,7 @@ impl WsSession {
             addr: OnceLock::new(),
             queued: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
+            uncounted: AtomicBool::new(false),
             conn,
             soft: limits.outbound_soft_bytes,
             hard: limits.outbound_hard_bytes,
@@ -676,7 +688,7 @@ impl Actor for WsSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.app.metrics.connections.fetch_sub(1, Relaxed);
+        self.outbox.uncount();
     }
 }
 
