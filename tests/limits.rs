@@ -90,7 +90,7 @@ fn assert_closed_1009(o: &Outcome, what: &str) {
         "{what}: expected close 1009, connection ended by {} (reason {:?}, frames {:?})",
         o.ended_by,
         o.close_reason,
-        o.frames
+        summarize(&o.frames)
     );
     for v in &o.frames {
         assert!(
@@ -437,6 +437,10 @@ async fn slow_reader_is_closed_with_1008_and_the_room_goes_on() {
     );
 
     // The slow reader drains what was in flight, then finds the close frame.
+    eprintln!(
+        "DIAG gauge dropped, reading starts at {:?}",
+        std::time::SystemTime::now()
+    );
     let (frame, frames) = slow.wait_close(Duration::from_secs(30)).await;
     let frame = frame.expect("closed without a close frame");
     assert_eq!(u16::from(frame.code), 1008, "close {frame:?}");

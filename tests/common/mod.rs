@@ -45,6 +45,9 @@ pub struct NodeOpts {
     pub outbound_hard_bytes: u64,
     /// Extra environment variables for the child process.
     pub env: Vec<(String, String)>,
+    /// Cluster mode: the `[redis]`, `[kafka]` and `[mongo]` sections (and
+    /// `node.roles`); `None` runs the node standalone.
+    pub cluster: Option<ClusterOpts>,
 }
 
 impl Default for NodeOpts {
@@ -63,6 +66,7 @@ impl Default for NodeOpts {
             outbound_soft_bytes: 262_144,
             outbound_hard_bytes: 1_048_576,
             env: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -70,11 +74,15 @@ impl Default for NodeOpts {
 impl NodeOpts {
     /// The config file for this node.
     pub fn to_toml(&self, data_dir: &Path, port: u16) -> String {
-        format!(
+        let roles = match &self.cluster {
+            Some(c) => format!("roles = {}\n", toml_string_list(&c.roles)),
+            None => String::new(),
+        };
+        let mut text = format!(
             r#"[node]
 id = "{node_id}"
 data_dir = "{data_dir}"
-
+{roles}
 [http]
 bind = "127.0.0.1:{port}"
 allowed_origins = ["http://127.0.0.1:{port}"]
@@ -106,7 +114,165 @@ outbound_hard_bytes = {hard}
             ct = self.client_timeout_secs,
             soft = self.outbound_soft_bytes,
             hard = self.outbound_hard_bytes,
+        );
+        if let Some(c) = &self.cluster {
+            text.push_str(&c.to_toml());
+        }
+        text
+    }
+
+    /// How long the node may take to answer `/healthz` after being spawned:
+    /// a cluster node first connects its services and creates its topic.
+    pub fn start_timeout(&self) -> Duration {
+        if self.cluster.is_some() {
+            CLUSTER_START_TIMEOUT
+        } else {
+            START_TIMEOUT
+        }
+    }
+}
+
+/// How long a cluster node may take to answer `/healthz` after being spawned.
+pub const CLUSTER_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The shared services of a cluster test, and the names that keep one test
+/// apart from the others (its own topic, consumer group and database; rooms
+/// are the tests' own business).
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    pub redis_url: String,
+    pub cache_size: usize,
+    pub kafka_brokers: String,
+    pub topic: String,
+    pub partitions: i32,
+    pub group: String,
+    pub mongo_url: String,
+    pub database: String,
+    pub roles: Vec<String>,
+}
+
+impl ClusterOpts {
+    /// Settings for a new, isolated cluster on the local services: a fresh
+    /// topic, consumer group and database, every node with both roles.
+    pub fn isolated() -> ClusterOpts {
+        let tag = unique_tag();
+        let services = Services::local();
+        ClusterOpts {
+            redis_url: services.redis_url(),
+            cache_size: 500,
+            kafka_brokers: services.kafka_brokers(),
+            topic: format!("test.{tag}"),
+            partitions: 3,
+            group: format!("test-{tag}"),
+            mongo_url: services.mongo_url(),
+            database: format!("test_{tag}"),
+            roles: vec!["persist".into(), "sweep".into()],
+        }
+    }
+
+    fn to_toml(&self) -> String {
+        format!(
+            r#"
+[redis]
+url = "{redis}"
+cache_size = {cache}
+
+[kafka]
+brokers = "{brokers}"
+topic = "{topic}"
+partitions = {partitions}
+group = "{group}"
+
+[mongo]
+url = "{mongo}"
+database = "{database}"
+"#,
+            redis = toml_escape(&self.redis_url),
+            cache = self.cache_size,
+            brokers = toml_escape(&self.kafka_brokers),
+            topic = toml_escape(&self.topic),
+            partitions = self.partitions,
+            group = toml_escape(&self.group),
+            mongo = toml_escape(&self.mongo_url),
+            database = toml_escape(&self.database),
         )
+    }
+}
+
+/// A short lowercase unique tag (a ULID) for names of topics, databases,
+/// rooms and nodes.
+pub fn unique_tag() -> String {
+    ulid::Ulid::new().to_string().to_ascii_lowercase()
+}
+
+fn toml_string_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| format!("\"{}\"", toml_escape(s)))
+        .collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// Where the local cluster services listen: 127.0.0.1 on the ports that
+/// `scripts/services` uses (moved by the same REDIS_PORT, KAFKA_PORT and
+/// MONGO_PORT variables).
+#[derive(Clone, Copy, Debug)]
+pub struct Services {
+    pub redis_port: u16,
+    pub kafka_port: u16,
+    pub mongo_port: u16,
+}
+
+impl Services {
+    pub fn local() -> Services {
+        let port = |var: &str, default: u16| {
+            std::env::var(var)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        Services {
+            redis_port: port("REDIS_PORT", 6379),
+            kafka_port: port("KAFKA_PORT", 9092),
+            mongo_port: port("MONGO_PORT", 27017),
+        }
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.redis_port)
+    }
+
+    pub fn kafka_brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.kafka_port)
+    }
+
+    pub fn mongo_url(&self) -> String {
+        format!("mongodb://127.0.0.1:{}", self.mongo_port)
+    }
+
+    /// Panics, saying how to start them, unless Redis, Kafka and MongoDB all
+    /// accept TCP connections.
+    pub async fn require(&self) {
+        let mut down = Vec::new();
+        for (name, port) in [
+            ("Redis", self.redis_port),
+            ("Kafka", self.kafka_port),
+            ("MongoDB", self.mongo_port),
+        ] {
+            let addr = format!("127.0.0.1:{port}");
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&addr)).await,
+                Ok(Ok(_))
+            );
+            if !ok {
+                down.push(format!("{name} ({addr})"));
+            }
+        }
+        assert!(
+            down.is_empty(),
+            "cluster tests need the local services, but {} did not answer: run `scripts/services up` first",
+            down.join(", ")
+        );
     }
 }
 
@@ -172,6 +338,17 @@ impl Node {
         Node::start(NodeOpts::default()).await
     }
 
+    /// Starts a cluster node `node_id` on the services and names of
+    /// `cluster`, with the other options at their test defaults.
+    pub async fn start_cluster(node_id: &str, cluster: &ClusterOpts) -> Node {
+        Node::start(NodeOpts {
+            node_id: node_id.to_string(),
+            cluster: Some(cluster.clone()),
+            ..NodeOpts::default()
+        })
+        .await
+    }
+
     /// Starts a node and waits until `/healthz` answers 200.
     pub async fn start(opts: NodeOpts) -> Node {
         let dir = tempfile::tempdir().unwrap();
@@ -222,7 +399,8 @@ impl Node {
     }
 
     async fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
+        let limit = self.opts.start_timeout();
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait().unwrap() {
@@ -246,7 +424,7 @@ impl Node {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "node did not answer /healthz within {START_TIMEOUT:?}; log:\n{}",
+                    "node did not answer /healthz within {limit:?}; log:\n{}",
                     self.log_tail()
                 );
             }
@@ -606,7 +784,8 @@ impl Client {
                 Some(v) if pred(&v) => return (v, skipped),
                 Some(v) => skipped.push(v),
                 None => panic!(
-                    "awaited frame did not arrive within {RECV_TIMEOUT:?}; got instead: {skipped:?}"
+                    "awaited frame did not arrive within {RECV_TIMEOUT:?}; got instead: {}",
+                    summarize(&skipped)
                 ),
             }
         }
@@ -616,6 +795,25 @@ impl Client {
     pub async fn expect_silence(&mut self, dur: Duration, what: &str) {
         if let Some(v) = self.try_recv_json(dur).await {
             panic!("expected no frame ({what}), got {v}");
+        }
+    }
+
+    /// Reads for `dur` and asserts that no frame with one of `ops` arrives
+    /// (other frames, such as presence, are allowed and dropped).
+    pub async fn expect_none_of(&mut self, dur: Duration, ops: &[&str], what: &str) {
+        let deadline = Instant::now() + dur;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match self.try_recv_json(left).await {
+                None => return,
+                Some(v) => {
+                    let op = v["op"].as_str().unwrap_or_default();
+                    assert!(!ops.contains(&op), "expected no {ops:?} ({what}), got {v}");
+                }
+            }
         }
     }
 
@@ -631,19 +829,21 @@ impl Client {
                 Event::Other(_) => {}
                 Event::Closed(f) => return (f, frames),
                 Event::Error(e) => panic!(
-                    "connection failed before a close frame arrived: {e}; frames before: {frames:?}"
+                    "connection failed before a close frame arrived: {e}; {}",
+                    summarize(&frames)
                 ),
                 Event::Timeout => panic!("connection not closed within {dur:?}"),
             }
         }
     }
 
-    /// Sends `ping` with `t` and waits for the `pong`; asserts the echo of `t`.
+    /// Sends `ping` with `t` and waits for the `pong` carrying the same `t`.
     /// Returns the frames that arrived before the pong.
     pub async fn ping(&mut self, t: i64) -> Vec<Value> {
         self.send_json(&json!({ "op": "ping", "t": t })).await;
-        let (pong, skipped) = self.recv_until_collect("pong").await;
-        assert_eq!(pong["t"], t, "pong {pong}");
+        let (_, skipped) = self
+            .recv_until_pred(|v| v["op"] == "pong" && v["t"] == t)
+            .await;
         skipped
     }
 
@@ -689,7 +889,11 @@ impl Client {
             }
             if v["op"] == "ack" && v["cid"] == cid && v["room"] == room {
                 ack = Some(v);
-            } else if v["op"] == "msg" && v["cid"] == cid && v["room"] == room {
+            } else if v["op"] == "msg"
+                && v["cid"] == cid
+                && v["room"] == room
+                && v["user"]["id"] == self.welcome["user"]["id"]
+            {
                 msg = Some(v);
             }
         }
@@ -726,6 +930,26 @@ impl Client {
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.ws.close(None)).await;
     }
+}
+
+/// A short description of a list of frames (long texts shortened).
+pub fn summarize(frames: &[Value]) -> String {
+    let mut out = format!("{} frames", frames.len());
+    let show = |v: &Value| {
+        let s = v.to_string();
+        if s.len() > 300 {
+            format!("{}…", &s[..s.floor_char_boundary(300)])
+        } else {
+            s
+        }
+    };
+    if let Some(first) = frames.first() {
+        let _ = write!(out, ", first {}", show(first));
+    }
+    if frames.len() > 1 {
+        let _ = write!(out, ", last {}", show(&frames[frames.len() - 1]));
+    }
+    out
 }
 
 /// Asserts the shape of a `msg` body (a frame or a history item).

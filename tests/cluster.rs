@@ -1,0 +1,1026 @@
+//! Cluster mode: several nodes on the shared Redis, Kafka and MongoDB.
+//!
+//! Tokens, delivery, presence and typing across nodes; one order for every
+//! client of every node; every acked message stored once in MongoDB;
+//! history beyond the Redis cache; failover after `kill -9`; idempotency
+//! across nodes; readiness.
+//!
+//! The services must run on 127.0.0.1 (`scripts/services up`). Each test
+//! has its own Kafka topic, consumer group, MongoDB database, node ids and
+//! rooms, so tests never see each other's data; what they leave in the
+//! services is removed when they pass.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::future::join_all;
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::options::ClientOptions;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use scalable_chat::store::keys;
+use serde_json::{json, Value};
+
+/// How long the persist workers may take to store what was acked.
+const STORE_WITHIN: Duration = Duration::from_secs(30);
+
+/// How long a test waits for a batch of messages to reach every client.
+const DELIVER_WITHIN: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------- harness
+
+/// A test's nodes on its own topic, consumer group and database.
+struct Cluster {
+    opts: ClusterOpts,
+    nodes: Vec<Node>,
+    rooms: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (all at once, as a deployment would).
+    async fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, |_| {}).await
+    }
+
+    async fn start_with(n: usize, tweak: impl FnOnce(&mut ClusterOpts)) -> Cluster {
+        Services::local().require().await;
+        let mut opts = ClusterOpts::isolated();
+        tweak(&mut opts);
+        let tag = unique_tag();
+        let ids: Vec<String> = (0..n)
+            .map(|i| format!("t-{tag}-{}", char::from(b'a' + i as u8)))
+            .collect();
+        let nodes = join_all(ids.iter().map(|id| Node::start_cluster(id, &opts))).await;
+        Cluster {
+            opts,
+            nodes,
+            rooms: Vec::new(),
+        }
+    }
+
+    /// A room name no other test uses.
+    fn room(&mut self, what: &str) -> String {
+        let room = format!("{what}-{}", unique_tag());
+        self.rooms.push(room.clone());
+        room
+    }
+
+    /// The test database's `messages` collection.
+    async fn messages(&self) -> mongodb::Collection<Document> {
+        mongo_client(&self.opts)
+            .await
+            .database(&self.opts.database)
+            .collection("messages")
+    }
+
+    /// Polls MongoDB until it holds at least `want` messages of `room`;
+    /// returns them (sorted by seq).
+    async fn wait_stored(&self, room: &str, want: usize) -> Vec<Document> {
+        let coll = self.messages().await;
+        let started = Instant::now();
+        loop {
+            let mut docs: Vec<Document> = coll
+                .find(doc! { "room": room })
+                .await
+                .expect("MongoDB find")
+                .try_collect()
+                .await
+                .expect("MongoDB cursor");
+            if docs.len() >= want {
+                docs.sort_by_key(|d| bson_int(d.get("seq")));
+                return docs;
+            }
+            assert!(
+                started.elapsed() < STORE_WITHIN,
+                "MongoDB database {} holds {} of the {want} acked messages of room {room} \
+                 after {STORE_WITHIN:?}: the persist workers did not store them",
+                self.opts.database,
+                docs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Stops the nodes and removes what the test left in the services: its
+    /// database, topic, consumer group and Redis keys. Failures are only
+    /// reported: the test itself has passed by then.
+    async fn cleanup(mut self) {
+        for node in &mut self.nodes {
+            node.kill9();
+        }
+        let work = async {
+            let client = mongo_client(&self.opts).await;
+            if let Err(e) = client.database(&self.opts.database).drop().await {
+                eprintln!("cleanup: dropping {}: {e}", self.opts.database);
+            }
+            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                .set("bootstrap.servers", &self.opts.kafka_brokers)
+                .create()
+                .expect("Kafka admin client");
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            if let Err(e) = admin.delete_topics(&[&self.opts.topic], &options).await {
+                eprintln!("cleanup: deleting topic {}: {e}", self.opts.topic);
+            }
+            let _ = admin.delete_groups(&[&self.opts.group], &options).await;
+            let redis = redis::Client::open(self.opts.redis_url.as_str()).unwrap();
+            match redis.get_multiplexed_async_connection().await {
+                Ok(mut conn) => {
+                    let mut pipe = redis::pipe();
+                    for room in &self.rooms {
+                        pipe.del(keys::seq(room))
+                            .del(keys::cids(room))
+                            .del(keys::recent(room))
+                            .del(keys::persisted(room))
+                            .del(keys::members(room))
+                            .srem(keys::ROOMS, room);
+                    }
+                    for node in &self.nodes {
+                        pipe.del(keys::node_rooms(&node.opts.node_id))
+                            .zrem(keys::NODES, &node.opts.node_id);
+                    }
+                    let done: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+                    if let Err(e) = done {
+                        eprintln!("cleanup: Redis keys: {e}");
+                    }
+                }
+                Err(e) => eprintln!("cleanup: Redis: {e}"),
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), work)
+            .await
+            .is_err()
+        {
+            eprintln!("cleanup did not finish within 30 s");
+        }
+    }
+}
+
+async fn mongo_client(opts: &ClusterOpts) -> mongodb::Client {
+    let mut options = ClientOptions::parse(&opts.mongo_url)
+        .await
+        .expect("MongoDB URL");
+    options.server_selection_timeout = Some(Duration::from_secs(5));
+    mongodb::Client::with_options(options).expect("MongoDB client")
+}
+
+/// A BSON integer (Int32 or Int64) as i64; panics on anything else.
+fn bson_int(v: Option<&Bson>) -> i64 {
+    match v {
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Int32(n)) => i64::from(*n),
+        other => panic!("expected a BSON integer, got {other:?}"),
+    }
+}
+
+fn user_ref(u: &Value) -> Value {
+    json!({ "id": u["id"], "name": u["name"] })
+}
+
+fn text_of(cid: &str) -> String {
+    format!("message {cid}")
+}
+
+/// Sends `send` frames for `cids` without waiting for anything.
+async fn send_all(c: &mut Client, room: &str, cids: &[String]) {
+    for cid in cids {
+        c.send_json(&json!({ "op": "send", "room": room, "text": text_of(cid), "cid": cid }))
+            .await;
+    }
+}
+
+fn cid_set(cids: &[String]) -> BTreeSet<String> {
+    cids.iter().cloned().collect()
+}
+
+/// What one client read of one room.
+#[derive(Debug, Default)]
+struct Seen {
+    /// `msg` frames of the room, in arrival order (duplicates kept).
+    msgs: Vec<Value>,
+    /// `ack` frames of the room.
+    acks: Vec<Value>,
+}
+
+impl Seen {
+    fn seqs(&self) -> Vec<u64> {
+        self.msgs
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect()
+    }
+
+    fn max_seq(&self) -> u64 {
+        self.seqs().into_iter().max().unwrap_or(0)
+    }
+}
+
+/// Reads until every cid of `msgs` arrived as a `msg` of `room` and every
+/// cid of `acks` was acked; panics on an `error` frame or after `within`.
+async fn read_until(
+    c: &mut Client,
+    who: &str,
+    room: &str,
+    msgs: &BTreeSet<String>,
+    acks: &BTreeSet<String>,
+    within: Duration,
+) -> Seen {
+    let deadline = Instant::now() + within;
+    let mut seen = Seen::default();
+    let mut got_msgs = BTreeSet::new();
+    let mut got_acks = BTreeSet::new();
+    while !(msgs.is_subset(&got_msgs) && acks.is_subset(&got_acks)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(v) = c.try_recv_json(left).await else {
+            let missing_msgs: Vec<&String> = msgs.difference(&got_msgs).take(10).collect();
+            let missing_acks: Vec<&String> = acks.difference(&got_acks).take(10).collect();
+            panic!(
+                "{who}: after {within:?} got {} of {} msgs and {} of {} acks in {room}; \
+                 missing msgs (first 10) {missing_msgs:?}, missing acks {missing_acks:?}",
+                got_msgs.intersection(msgs).count(),
+                msgs.len(),
+                got_acks.intersection(acks).count(),
+                acks.len()
+            );
+        };
+        match v["op"].as_str() {
+            Some("msg") if v["room"] == room => {
+                got_msgs.insert(v["cid"].as_str().unwrap().to_string());
+                seen.msgs.push(v);
+            }
+            Some("ack") if v["room"] == room => {
+                let cid = v["cid"].as_str().unwrap().to_string();
+                assert!(got_acks.insert(cid), "{who}: a second ack {v}");
+                seen.acks.push(v);
+            }
+            Some("error") => panic!("{who}: refused: {v}"),
+            _ => {}
+        }
+    }
+    seen
+}
+
+/// Asserts that nothing more of `room` is on its way to `c`: no `msg` of
+/// the room arrives before the answer to a `ping`.
+async fn assert_no_more_msgs(c: &mut Client, who: &str, room: &str) {
+    for v in c.ping(now_ms()).await {
+        assert!(
+            !(v["op"] == "msg" && v["room"] == room),
+            "{who}: an extra msg arrived: {v}"
+        );
+    }
+}
+
+/// `GET` a URL and return its status and JSON body.
+async fn get_json(node: &Node, path: &str) -> (u16, Value) {
+    let resp = node.http().get(node.url(path)).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("GET {path}: body is not JSON: {text:?}"));
+    (status, body)
+}
+
+/// `POST /api/v1/rooms/{room}/messages` with a bearer token.
+async fn post_message(node: &Node, token: &str, room: &str, text: &str, cid: &str) -> (u16, Value) {
+    let resp = node
+        .http()
+        .post(node.url(&format!("/api/v1/rooms/{room}/messages")))
+        .bearer_auth(token)
+        .json(&json!({ "text": text, "cid": cid }))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
+
+/// The presence frame of `room` that `c` gets next (other frames skipped).
+async fn next_presence(c: &mut Client, room: &str) -> Value {
+    c.recv_until_pred(|v| v["op"] == "presence" && v["room"] == room)
+        .await
+        .0
+}
+
+// ---------------------------------------------------------------- tests
+
+/// 1. A token issued by one node works on another, over WebSocket and REST.
+#[tokio::test]
+async fn token_from_one_node_works_on_another() {
+    let mut cluster = Cluster::start(2).await;
+    let room = cluster.room("tokens");
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+
+    let (token, user) = a.guest("tina").await;
+    let mut ws = b.connect(&token).await;
+    assert_eq!(ws.welcome["user"], user_ref(&user), "{}", ws.welcome);
+    assert_eq!(ws.welcome["node"], b.opts.node_id, "{}", ws.welcome);
+    ws.join(&room).await;
+    let (ack, msg) = ws.send_msg(&room, "hello via node b", "t-1").await;
+    assert_eq!(msg["user"], user_ref(&user), "{msg}");
+
+    // REST on node b with node a's token.
+    let (status, body) = post_message(b, &token, &room, "over http", "t-2").await;
+    assert_eq!(status, 201, "POST with a token of another node: {body}");
+    assert_eq!(body["user"], user_ref(&user), "{body}");
+    assert_eq!(body["cid"], "t-2", "{body}");
+    assert!(
+        body["seq"].as_u64().unwrap() > ack["seq"].as_u64().unwrap(),
+        "{body} after {ack}"
+    );
+    let (live, _) = ws
+        .recv_until_pred(|v| v["op"] == "msg" && v["cid"] == "t-2")
+        .await;
+    assert_eq!(live["id"], body["id"], "{live}");
+    let resp = b
+        .http()
+        .get(b.url("/api/v1/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let me: Value = resp.json().await.unwrap();
+    assert_eq!(me["user"], user_ref(&user), "{me}");
+
+    // And the other way round.
+    let (token_b, user_b) = b.guest("bert").await;
+    let wa = a.connect(&token_b).await;
+    assert_eq!(wa.welcome["user"], user_ref(&user_b), "{}", wa.welcome);
+    assert_eq!(wa.welcome["node"], a.opts.node_id, "{}", wa.welcome);
+
+    // Both nodes read the same room.
+    let (status, page) = get_json(a, &format!("/api/v1/rooms/{room}/messages")).await;
+    assert_eq!(status, 200, "{page}");
+    let cids: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["cid"].as_str().unwrap())
+        .collect();
+    assert_eq!(cids, ["t-1", "t-2"], "{page}");
+
+    // A token whose signature was changed is refused by the other node.
+    let dot = token.find('.').expect("token has a signature");
+    let mut forged = token.clone().into_bytes();
+    forged[dot + 1] = if forged[dot + 1] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    assert_eq!(b.try_upgrade(&b.ws_url(&forged), None).await, 401);
+    let (status, body) = post_message(b, &forged, &room, "forged", "t-3").await;
+    assert_eq!(status, 401, "{body}");
+
+    ws.close().await;
+    wa.close().await;
+    cluster.cleanup().await;
+}
+
+/// 2. Members on two nodes see each other's messages, presence and typing,
+/// and `joined.members` lists the members of every node.
+#[tokio::test]
+async fn delivery_presence_and_typing_cross_nodes() {
+    let mut cluster = Cluster::start(2).await;
+    let room = cluster.room("lobby");
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+
+    let (mut ann, ua, _) = a.user("ann").await;
+    let (mut bob, ub, _) = b.user("bob").await;
+    let joined = ann.join(&room).await;
+    assert_eq!(joined["members"], json!([user_ref(&ua)]), "{joined}");
+    let joined = bob.join(&room).await;
+    assert_eq!(
+        joined["members"],
+        json!([user_ref(&ua), user_ref(&ub)]),
+        "bob (node b) must see ann (node a) among the members: {joined}"
+    );
+    let p = next_presence(&mut ann, &room).await;
+    assert_eq!(p["joined"], json!([user_ref(&ub)]), "{p}");
+    assert_eq!(p["left"], json!([]), "{p}");
+
+    // Messages, both ways; the sender gets its own too.
+    let (ack, own) = ann.send_msg(&room, "hello from a", "a-1").await;
+    assert_eq!(own["user"], user_ref(&ua), "{own}");
+    let (got, _) = bob
+        .recv_until_pred(|v| v["op"] == "msg" && v["cid"] == "a-1")
+        .await;
+    assert_msg_shape(&got);
+    assert_eq!(got["user"], user_ref(&ua), "{got}");
+    assert_eq!(got["text"], "hello from a", "{got}");
+    assert_eq!(
+        (&got["seq"], &got["id"]),
+        (&ack["seq"], &ack["id"]),
+        "{got}"
+    );
+    assert_eq!(got["ts"], own["ts"], "{got} vs {own}");
+
+    let (ack, own) = bob.send_msg(&room, "hello from b", "b-1").await;
+    assert_eq!(own["user"], user_ref(&ub), "{own}");
+    let (got, _) = ann
+        .recv_until_pred(|v| v["op"] == "msg" && v["cid"] == "b-1")
+        .await;
+    assert_eq!(got["user"], user_ref(&ub), "{got}");
+    assert_eq!(
+        (&got["seq"], &got["id"]),
+        (&ack["seq"], &ack["id"]),
+        "{got}"
+    );
+
+    // Typing, both ways; never back to the typist.
+    ann.send_json(&json!({ "op": "typing", "room": room }))
+        .await;
+    let (t, _) = bob
+        .recv_until_pred(|v| v["op"] == "typing" && v["room"] == room)
+        .await;
+    assert_eq!(t["user"], user_ref(&ua), "{t}");
+    bob.send_json(&json!({ "op": "typing", "room": room }))
+        .await;
+    let (t, _) = ann
+        .recv_until_pred(|v| v["op"] == "typing" && v["room"] == room)
+        .await;
+    assert_eq!(t["user"], user_ref(&ub), "{t}");
+    for (c, who) in [(&mut ann, "ann"), (&mut bob, "bob")] {
+        for v in c.ping(1).await {
+            assert_ne!(v["op"], "typing", "{who} got a typing frame: {v}");
+        }
+    }
+
+    // A user coming and going on node a is seen on node b.
+    let (mut cat, uc, _) = a.user("cat").await;
+    cat.join(&room).await;
+    let p = next_presence(&mut bob, &room).await;
+    assert_eq!(p["joined"], json!([user_ref(&uc)]), "{p}");
+    let p = next_presence(&mut ann, &room).await;
+    assert_eq!(p["joined"], json!([user_ref(&uc)]), "{p}");
+    cat.close().await;
+    let p = next_presence(&mut bob, &room).await;
+    assert_eq!(
+        (&p["joined"], &p["left"]),
+        (&json!([]), &json!([user_ref(&uc)])),
+        "{p}"
+    );
+    let p = next_presence(&mut ann, &room).await;
+    assert_eq!(p["left"], json!([user_ref(&uc)]), "{p}");
+
+    // Node b's user leaves, comes back and disconnects; node a sees each.
+    bob.send_json(&json!({ "op": "leave", "room": room })).await;
+    let p = next_presence(&mut ann, &room).await;
+    assert_eq!(
+        (&p["joined"], &p["left"]),
+        (&json!([]), &json!([user_ref(&ub)])),
+        "{p}"
+    );
+    bob.join(&room).await;
+    let p = next_presence(&mut ann, &room).await;
+    assert_eq!(
+        (&p["joined"], &p["left"]),
+        (&json!([user_ref(&ub)]), &json!([])),
+        "{p}"
+    );
+    let again = ann.join(&room).await;
+    assert_eq!(
+        again["members"],
+        json!([user_ref(&ua), user_ref(&ub)]),
+        "ann (node a) must see bob (node b) among the members: {again}"
+    );
+    bob.close().await;
+    let p = next_presence(&mut ann, &room).await;
+    assert_eq!(
+        (&p["joined"], &p["left"]),
+        (&json!([]), &json!([user_ref(&ub)])),
+        "{p}"
+    );
+
+    ann.close().await;
+    cluster.cleanup().await;
+}
+
+/// 3. 200 messages sent at once through two nodes reach every client of
+/// both nodes once each, in one strictly increasing seq order, all acked.
+#[tokio::test]
+async fn concurrent_senders_on_two_nodes_give_one_order_everywhere() {
+    let mut cluster = Cluster::start(2).await;
+    let room = cluster.room("order");
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+
+    let (mut sa, ua, _) = a.user("sa").await;
+    let (mut sb, ub, _) = b.user("sb").await;
+    let (mut oa, _, _) = a.user("oa").await;
+    let (mut ob, _, _) = b.user("ob").await;
+    for c in [&mut sa, &mut sb, &mut oa, &mut ob] {
+        c.join(&room).await;
+    }
+
+    let cids_a: Vec<String> = (0..100).map(|i| format!("a-{i}")).collect();
+    let cids_b: Vec<String> = (0..100).map(|i| format!("b-{i}")).collect();
+    let all: BTreeSet<String> = cid_set(&cids_a).union(&cid_set(&cids_b)).cloned().collect();
+    let (acks_a, acks_b) = (cid_set(&cids_a), cid_set(&cids_b));
+    let none = BTreeSet::new();
+    let (seen_sa, seen_sb, seen_oa, seen_ob) = tokio::join!(
+        async {
+            send_all(&mut sa, &room, &cids_a).await;
+            read_until(&mut sa, "sender a", &room, &all, &acks_a, DELIVER_WITHIN).await
+        },
+        async {
+            send_all(&mut sb, &room, &cids_b).await;
+            read_until(&mut sb, "sender b", &room, &all, &acks_b, DELIVER_WITHIN).await
+        },
+        read_until(&mut oa, "observer a", &room, &all, &none, DELIVER_WITHIN),
+        read_until(&mut ob, "observer b", &room, &all, &none, DELIVER_WITHIN),
+    );
+
+    // Every ack names its message; seqs and ids are unique.
+    let mut acks = seen_sa.acks.clone();
+    acks.extend(seen_sb.acks.iter().cloned());
+    let acked = ack_map(&acks);
+    assert_eq!(acked.len(), 200);
+    let seqs: BTreeSet<u64> = acked.values().map(|(s, _)| *s).collect();
+    let ids: BTreeSet<&String> = acked.values().map(|(_, i)| i).collect();
+    assert_eq!(seqs.len(), 200, "two messages share a seq: {acked:?}");
+    assert_eq!(ids.len(), 200, "two messages share an id: {acked:?}");
+
+    let reference = seen_oa.seqs();
+    for (who, seen) in [
+        ("sender a", &seen_sa),
+        ("sender b", &seen_sb),
+        ("observer a", &seen_oa),
+        ("observer b", &seen_ob),
+    ] {
+        let got = seen.seqs();
+        assert_eq!(
+            seen.msgs.len(),
+            200,
+            "{who} got {} msg frames for 200 messages (duplicates): {got:?}",
+            seen.msgs.len()
+        );
+        assert_strictly_increasing(&got, who);
+        assert_eq!(got, reference, "{who} saw another order than observer a");
+        for m in &seen.msgs {
+            assert_msg_shape(m);
+            let cid = m["cid"].as_str().unwrap();
+            let (seq, id) = &acked[cid];
+            assert_eq!(m["seq"].as_u64().unwrap(), *seq, "{who}: {m} vs its ack");
+            assert_eq!(m["id"].as_str().unwrap(), id, "{who}: {m} vs its ack");
+            assert_eq!(m["text"], text_of(cid), "{who}: {m}");
+            let sender = if cid.starts_with("a-") { &ua } else { &ub };
+            assert_eq!(m["user"], user_ref(sender), "{who}: {m}");
+        }
+    }
+    for (c, who) in [
+        (&mut sa, "sender a"),
+        (&mut sb, "sender b"),
+        (&mut oa, "observer a"),
+        (&mut ob, "observer b"),
+    ] {
+        assert_no_more_msgs(c, who, &room).await;
+    }
+
+    cluster.cleanup().await;
+}
+
+/// 4. The persist workers store every acked message in MongoDB once, in the
+/// documented shape, with the unique (room, seq) index.
+#[tokio::test]
+async fn acked_messages_are_stored_in_mongodb_once() {
+    let mut cluster = Cluster::start(2).await;
+    let room = cluster.room("stored");
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+
+    let (mut ann, ua, ann_token) = a.user("ann").await;
+    let (mut bob, ub, _) = b.user("bob").await;
+    ann.join(&room).await;
+    bob.join(&room).await;
+
+    // Expected documents by id: (seq, user, text, ts, cid).
+    let mut expected: BTreeMap<String, Value> = BTreeMap::new();
+    for i in 0..10 {
+        let (_, m) = ann
+            .send_msg(&room, &format!("ann says {i}"), &format!("a-{i}"))
+            .await;
+        expected.insert(m["id"].as_str().unwrap().to_string(), m);
+        let (_, m) = bob
+            .send_msg(&room, &format!("bob says {i}"), &format!("b-{i}"))
+            .await;
+        expected.insert(m["id"].as_str().unwrap().to_string(), m);
+    }
+    let (carol_token, uc) = b.guest("carol").await;
+    let (status, m) = post_message(b, &carol_token, &room, "carol over http", "h-1").await;
+    assert_eq!(status, 201, "{m}");
+    expected.insert(m["id"].as_str().unwrap().to_string(), m);
+    // Retries of a cid through the other node, over REST and WebSocket: the
+    // log may hold them twice, MongoDB must not.
+    let first = expected
+        .values()
+        .find(|m| m["cid"] == "a-3")
+        .unwrap()
+        .clone();
+    let (status, retry) = post_message(b, &ann_token, &room, "ann says 3", "a-3").await;
+    assert_eq!(status, 201, "{retry}");
+    assert_eq!(
+        (&retry["id"], &retry["seq"]),
+        (&first["id"], &first["seq"]),
+        "a retried cid through another node made another message: {retry} vs {first}"
+    );
+    let retry = ann.send_acked(&room, "ann says 3", "a-3").await;
+    assert_eq!((&retry["id"], &retry["seq"]), (&first["id"], &first["seq"]));
+    assert_eq!(expected.len(), 21);
+
+    let docs = cluster.wait_stored(&room, expected.len()).await;
+    // Whatever else is still on its way (the retries' records) must not add
+    // a document either.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let docs_later = cluster.wait_stored(&room, expected.len()).await;
+    assert_eq!(docs.len(), expected.len(), "documents of {room}: {docs:#?}");
+    assert_eq!(docs_later.len(), expected.len(), "{docs_later:#?}");
+
+    let users: BTreeMap<&str, &Value> = [&ua, &ub, &uc]
+        .into_iter()
+        .map(|u| (u["id"].as_str().unwrap(), u))
+        .collect();
+    let mut seqs = BTreeSet::new();
+    for d in &docs {
+        let Some(Bson::String(id)) = d.get("_id") else {
+            panic!("_id is not the message id string: {d}");
+        };
+        let m = expected
+            .get(id)
+            .unwrap_or_else(|| panic!("document of no acked message: {d}"));
+        assert_eq!(d.get_str("room").ok(), Some(room.as_str()), "{d}");
+        let seq = bson_int(d.get("seq"));
+        assert_eq!(seq, m["seq"].as_i64().unwrap(), "{d} vs {m}");
+        assert!(seqs.insert(seq), "seq {seq} stored twice");
+        let user = d
+            .get_document("user")
+            .unwrap_or_else(|_| panic!("user is not a document: {d}"));
+        assert_eq!(user.get_str("id").ok(), m["user"]["id"].as_str(), "{d}");
+        assert_eq!(user.get_str("name").ok(), m["user"]["name"].as_str(), "{d}");
+        assert!(users.contains_key(user.get_str("id").unwrap()), "{d}");
+        assert_eq!(d.get_str("text").ok(), m["text"].as_str(), "{d}");
+        assert_eq!(d.get_str("cid").ok(), m["cid"].as_str(), "{d}");
+        match d.get("ts") {
+            Some(Bson::DateTime(ts)) => {
+                assert_eq!(ts.timestamp_millis(), m["ts"].as_i64().unwrap(), "{d}")
+            }
+            other => panic!("ts is not a BSON date: {other:?} in {d}"),
+        }
+    }
+
+    let coll = cluster.messages().await;
+    let indexes: Vec<mongodb::IndexModel> = coll
+        .list_indexes()
+        .await
+        .expect("list indexes")
+        .try_collect()
+        .await
+        .expect("index cursor");
+    let ascending =
+        |b: &Bson| matches!(b, Bson::Int32(1) | Bson::Int64(1)) || *b == Bson::Double(1.0);
+    let unique_room_seq = indexes.iter().any(|ix| {
+        let keys: Vec<(&String, &Bson)> = ix.keys.iter().collect();
+        keys.len() == 2
+            && keys[0].0 == "room"
+            && keys[1].0 == "seq"
+            && ascending(keys[0].1)
+            && ascending(keys[1].1)
+            && ix.options.as_ref().and_then(|o| o.unique) == Some(true)
+    });
+    assert!(
+        unique_room_seq,
+        "no unique index on (room, seq) in {}.messages: {indexes:?}",
+        cluster.opts.database
+    );
+
+    ann.close().await;
+    bob.close().await;
+    cluster.cleanup().await;
+}
+
+/// 5. With a small Redis cache, REST history pages back to seq 1 through
+/// MongoDB, and `join since = 0` replays everything.
+#[tokio::test]
+async fn history_pages_back_to_seq_1_past_the_cache() {
+    let mut cluster = Cluster::start_with(2, |o| o.cache_size = 20).await;
+    let room = cluster.room("deep");
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+
+    let (mut ann, ua, _) = a.user("ann").await;
+    ann.join(&room).await;
+    let mut acks = ann.blast(&room, "h", 100).await;
+    cluster.wait_stored(&room, 100).await;
+    // Sent once MongoDB holds the first 100, these push them out of the
+    // cache.
+    for i in 100..120 {
+        let cid = format!("h-{i}");
+        acks.push(ann.send_acked(&room, &text_of(&cid), &cid).await);
+    }
+    cluster.wait_stored(&room, 120).await;
+    let acked = ack_map(&acks);
+    assert_eq!(acked.len(), 120);
+    let by_seq: BTreeMap<u64, (&String, &String)> =
+        acked.iter().map(|(cid, (s, id))| (*s, (cid, id))).collect();
+    assert_eq!(by_seq.len(), 120, "two acks share a seq: {acked:?}");
+    let all_seqs: Vec<u64> = by_seq.keys().copied().collect();
+    assert_eq!(
+        all_seqs[0], 1,
+        "the first message of a new room: {all_seqs:?}"
+    );
+    let last = *all_seqs.last().unwrap();
+
+    // Precondition: the recent cache no longer holds the start of the room,
+    // so the pages below must come from MongoDB.
+    let redis = redis::Client::open(cluster.opts.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let cached_first: usize = redis::cmd("ZCOUNT")
+        .arg(keys::recent(&room))
+        .arg(1)
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        cached_first, 0,
+        "precondition: with redis.cache_size = 20 and all 120 messages in MongoDB, \
+         the recent cache still holds seq 1, so history would not reach MongoDB"
+    );
+
+    // REST pages from the other node, newest first, down to seq 1.
+    let mut before: Option<u64> = None;
+    let mut got: Vec<u64> = Vec::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        assert!(pages <= 5, "more pages than 120 messages need: {got:?}");
+        let path = match before {
+            None => format!("/api/v1/rooms/{room}/messages?limit=50"),
+            Some(s) => format!("/api/v1/rooms/{room}/messages?before={s}&limit=50"),
+        };
+        let (status, page) = get_json(b, &path).await;
+        assert_eq!(status, 200, "GET {path}: {page}");
+        let msgs = page["messages"].as_array().unwrap();
+        let seqs = seqs(&page["messages"]);
+        assert_strictly_increasing(&seqs, &format!("page {path}"));
+        assert!(msgs.len() <= 50, "GET {path}: {} messages", msgs.len());
+        let has_more = page["has_more"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("has_more in {page}"));
+        let want: Vec<u64> = all_seqs
+            .iter()
+            .copied()
+            .filter(|s| before.is_none_or(|b| *s < b))
+            .rev()
+            .take(50)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        assert_eq!(seqs, want, "GET {path} (has_more {has_more})");
+        for m in msgs {
+            assert_msg_shape(m);
+            let (cid, id) = by_seq[&m["seq"].as_u64().unwrap()];
+            assert_eq!(m["cid"], cid.as_str(), "{m}");
+            assert_eq!(m["id"], id.as_str(), "{m}");
+            assert_eq!(m["user"], user_ref(&ua), "{m}");
+            assert_eq!(m["text"], text_of(cid), "{m}");
+        }
+        got.splice(0..0, seqs.iter().copied());
+        let older_exist = seqs.first().is_some_and(|first| *first > all_seqs[0]);
+        assert_eq!(has_more, older_exist, "has_more of GET {path}: {page}");
+        if !has_more {
+            break;
+        }
+        before = seqs.first().copied();
+    }
+    assert_eq!(got, all_seqs, "pages together");
+
+    // A fresh connection on the other node replays all of it.
+    let (token, _) = b.guest("rita").await;
+    let mut rita = b.connect(&token).await;
+    let (replay, joined) = rita.join_since(&room, 0).await;
+    let replayed = seqs(&Value::Array(replay.clone()));
+    assert_eq!(replayed, all_seqs, "join since 0 replay");
+    for m in &replay {
+        let (cid, id) = by_seq[&m["seq"].as_u64().unwrap()];
+        assert_eq!(
+            (m["cid"].as_str(), m["id"].as_str()),
+            (Some(cid.as_str()), Some(id.as_str())),
+            "{m}"
+        );
+    }
+    assert_eq!(joined["last_seq"], last, "{joined}");
+
+    ann.close().await;
+    rita.close().await;
+    cluster.cleanup().await;
+}
+
+/// 6. After `kill -9` of a node, its client resumes on another node with
+/// `join since` and misses nothing sent meanwhile.
+#[tokio::test]
+async fn clients_of_a_killed_node_resume_on_another_and_miss_nothing() {
+    let mut cluster = Cluster::start(2).await;
+    let room = cluster.room("failover");
+
+    let (mut ann, ua, ann_token) = cluster.nodes[0].user("ann").await;
+    let (mut bob, ub, _) = cluster.nodes[1].user("bob").await;
+    ann.join(&room).await;
+    bob.join(&room).await;
+
+    let before: Vec<String> = (0..10).map(|i| format!("pre-{i}")).collect();
+    send_all(&mut bob, &room, &before).await;
+    let set = cid_set(&before);
+    let pre_bob = read_until(&mut bob, "bob", &room, &set, &set, DELIVER_WITHIN).await;
+    let pre_ann = read_until(
+        &mut ann,
+        "ann",
+        &room,
+        &set,
+        &BTreeSet::new(),
+        DELIVER_WITHIN,
+    )
+    .await;
+    let mut last_seen = pre_ann.max_seq();
+
+    // Node a dies while bob goes on sending through node b.
+    let during: Vec<String> = (0..30).map(|i| format!("during-{i}")).collect();
+    send_all(&mut bob, &room, &during[..10]).await;
+    cluster.nodes[0].kill9();
+    send_all(&mut bob, &room, &during[10..]).await;
+    let set = cid_set(&during);
+    let mid_bob = read_until(&mut bob, "bob", &room, &set, &set, DELIVER_WITHIN).await;
+
+    // Ann's connection ends; she keeps what arrived before it did.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ann.next_event(left).await {
+            Event::Json(v) if v["op"] == "msg" && v["room"] == room => {
+                last_seen = last_seen.max(v["seq"].as_u64().unwrap());
+            }
+            Event::Json(_) | Event::Other(_) => {}
+            Event::Closed(_) | Event::Error(_) => break,
+            Event::Timeout => panic!("ann's connection to the killed node did not end"),
+        }
+    }
+
+    let mut acks = pre_bob.acks.clone();
+    acks.extend(mid_bob.acks.iter().cloned());
+    let acked = ack_map(&acks);
+    let max_seq = acked.values().map(|(s, _)| *s).max().unwrap();
+    let mut missed: Vec<(u64, String, String)> = acked
+        .iter()
+        .filter(|(_, (s, _))| *s > last_seen)
+        .map(|(cid, (s, id))| (*s, cid.clone(), id.clone()))
+        .collect();
+    missed.sort();
+
+    // She resumes on node b.
+    let mut ann2 = cluster.nodes[1].connect(&ann_token).await;
+    assert_eq!(ann2.welcome["user"], user_ref(&ua));
+    let (replay, joined) = ann2.join_since(&room, last_seen).await;
+    let replayed: Vec<(u64, String, String)> = replay
+        .iter()
+        .map(|m| {
+            assert_msg_shape(m);
+            assert_eq!(m["user"], user_ref(&ub), "{m}");
+            (
+                m["seq"].as_u64().unwrap(),
+                m["cid"].as_str().unwrap().to_string(),
+                m["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        replayed, missed,
+        "join since {last_seen} on node b after node a was killed"
+    );
+    assert_eq!(joined["last_seq"], max_seq, "{joined}");
+
+    // And she is live again.
+    let (ack, _) = bob.send_msg(&room, "still here", "post-1").await;
+    let (m, _) = ann2
+        .recv_until_pred(|v| v["op"] == "msg" && v["cid"] == "post-1")
+        .await;
+    assert_eq!((&m["seq"], &m["id"]), (&ack["seq"], &ack["id"]), "{m}");
+    let (ack, _) = ann2.send_msg(&room, "back", "ann-back").await;
+    let (m, _) = bob
+        .recv_until_pred(|v| v["op"] == "msg" && v["cid"] == "ann-back")
+        .await;
+    assert_eq!((&m["seq"], &m["id"]), (&ack["seq"], &ack["id"]), "{m}");
+
+    ann2.close().await;
+    bob.close().await;
+    cluster.cleanup().await;
+}
+
+/// 7. One user sending the same cid through two nodes at once makes one
+/// message: the same id and seq in both acks, one `msg` per connection.
+#[tokio::test]
+async fn same_cid_through_two_nodes_makes_one_message() {
+    let mut cluster = Cluster::start(2).await;
+    let room = cluster.room("dedup");
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+
+    let (token, ua) = a.guest("ann").await;
+    let mut on_a = a.connect(&token).await;
+    let mut on_b = b.connect(&token).await;
+    let (mut oa, _, _) = a.user("oa").await;
+    let (mut ob, _, _) = b.user("ob").await;
+    for c in [&mut on_a, &mut on_b, &mut oa, &mut ob] {
+        c.join(&room).await;
+    }
+
+    let cids: Vec<String> = (0..20).map(|i| format!("dup-{i}")).collect();
+    let set = cid_set(&cids);
+    let none = BTreeSet::new();
+    let (seen_a, seen_b) = tokio::join!(
+        async {
+            send_all(&mut on_a, &room, &cids).await;
+            read_until(&mut on_a, "ann on a", &room, &none, &set, DELIVER_WITHIN).await
+        },
+        async {
+            send_all(&mut on_b, &room, &cids).await;
+            read_until(&mut on_b, "ann on b", &room, &none, &set, DELIVER_WITHIN).await
+        },
+    );
+    let acked_a = ack_map(&seen_a.acks);
+    let acked_b = ack_map(&seen_b.acks);
+    for cid in &cids {
+        assert_eq!(
+            acked_a[cid], acked_b[cid],
+            "{cid} sent through node a and node b: the acks differ"
+        );
+    }
+
+    // The same cid by REST through node b: the same message again.
+    let (status, body) = post_message(b, &token, &room, &text_of("dup-0"), "dup-0").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (
+            body["seq"].as_u64().unwrap(),
+            body["id"].as_str().unwrap().to_string()
+        ),
+        acked_a["dup-0"],
+        "{body}"
+    );
+
+    // A marker sent after every ack arrives after anything those sends
+    // made (delivery is in seq order): up to it, one msg per cid.
+    on_a.send_json(&json!({ "op": "send", "room": room, "text": "marker", "cid": "marker" }))
+        .await;
+    let mut want = set.clone();
+    want.insert("marker".to_string());
+    let marker_ack = cid_set(&["marker".to_string()]);
+    for (c, who, earlier, acks) in [
+        (&mut on_a, "ann on a", seen_a.msgs, &marker_ack),
+        (&mut on_b, "ann on b", seen_b.msgs, &none),
+        (&mut oa, "observer a", Vec::new(), &none),
+        (&mut ob, "observer b", Vec::new(), &none),
+    ] {
+        let have: BTreeSet<String> = earlier
+            .iter()
+            .map(|m| m["cid"].as_str().unwrap().to_string())
+            .collect();
+        let rest: BTreeSet<String> = want.difference(&have).cloned().collect();
+        let mut seen = read_until(c, who, &room, &rest, acks, DELIVER_WITHIN).await;
+        seen.msgs.splice(0..0, earlier);
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for m in &seen.msgs {
+            let cid = m["cid"].as_str().unwrap();
+            *count.entry(cid).or_default() += 1;
+            if cid != "marker" {
+                let (seq, id) = &acked_a[cid];
+                assert_eq!(m["seq"].as_u64().unwrap(), *seq, "{who}: {m}");
+                assert_eq!(m["id"].as_str().unwrap(), id, "{who}: {m}");
+                assert_eq!(m["user"], user_ref(&ua), "{who}: {m}");
+            }
+        }
+        let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "{who} got these cids more than once: {twice:?}"
+        );
+        assert_strictly_increasing(&seen.seqs(), who);
+        assert_no_more_msgs(c, who, &room).await;
+    }
+
+    cluster.cleanup().await;
+}
+
+/// 8. `/readyz` of a cluster node names Redis, Kafka and MongoDB as ok.
+#[tokio::test]
+async fn readyz_names_every_cluster_service() {
+    let cluster = Cluster::start(1).await;
+    let (status, body) = get_json(&cluster.nodes[0], "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ready", "{body}");
+    for service in ["redis", "kafka", "mongo"] {
+        assert_eq!(body["dependencies"][service], "ok", "{service} in {body}");
+    }
+    cluster.cleanup().await;
+}
