@@ -116,6 +116,18 @@ async fn kill9_after_acks_keeps_every_acked_message() {
 
 #[tokio::test]
 async fn kill9_mid_stream_loses_nothing_acked_and_retries_dedupe() {
+    stop_mid_stream(false).await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_stream_loses_nothing_acked_and_retries_dedupe() {
+    stop_mid_stream(true).await;
+}
+
+/// Sends a stream of messages, stops the node (SIGTERM or SIGKILL) once a
+/// quarter of them is acked, restarts it, and checks that every acked message
+/// is there and that retrying the rest with the same cids stores each once.
+async fn stop_mid_stream(graceful: bool) {
     let mut node = Node::start_default().await;
     let (token, _) = node.guest("ann").await;
     let mut a = node.connect(&token).await;
@@ -136,7 +148,12 @@ async fn kill9_mid_stream_loses_nothing_acked_and_retries_dedupe() {
             acks.push(v);
         }
     }
-    node.kill9();
+    if graceful {
+        let status = node.sigterm().await;
+        assert!(status.success(), "SIGTERM exit status {status}");
+    } else {
+        node.kill9();
+    }
     // Acks that were already on the wire count too.
     while let Event::Json(v) = a.next_event(Duration::from_millis(500)).await {
         if v["op"] == "ack" {
@@ -162,7 +179,11 @@ async fn kill9_mid_stream_loses_nothing_acked_and_retries_dedupe() {
         );
     }
     for (cid, v) in &acked {
-        assert_eq!(stored.get(cid), Some(v), "acked {cid} lost by kill -9");
+        assert_eq!(
+            stored.get(cid),
+            Some(v),
+            "acked {cid} lost (graceful: {graceful})"
+        );
     }
 
     // The client retries everything it has no ack for, with the same cids:
