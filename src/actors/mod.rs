@@ -2,6 +2,7 @@
 //! the top of its file.
 
 pub mod kafka_sink;
+pub mod persist;
 pub mod redis_bridge;
 pub mod registry;
 pub mod room;
