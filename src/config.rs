@@ -100,6 +100,13 @@ pub struct KafkaSettings {
     /// Consumer group of the persist workers.
     #[serde(default = "default_group")]
     pub group: String,
+    /// Consumer-group workers per node with the persist role.
+    #[serde(default = "default_persist_workers")]
+    pub persist_workers: usize,
+}
+
+fn default_persist_workers() -> usize {
+    1
 }
 
 fn default_partitions() -> i32 {
@@ -407,6 +414,9 @@ impl Settings {
             }
             if k.topic.is_empty() {
                 return fail("kafka.topic", "must not be empty");
+            }
+            if k.persist_workers == 0 {
+                return fail("kafka.persist_workers", "must be positive");
             }
         }
         if let Some(r) = &self.redis {

@@ -7,6 +7,7 @@
 
 pub mod actors;
 pub mod auth;
+mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -54,8 +55,13 @@ impl AppState {
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the message store: {0}")]
+    #[error("cannot open the message store: {0:?}")]
     Store(error::ChatError),
+    #[error("cannot reach {service}: {error:?}")]
+    Service {
+        service: &'static str,
+        error: error::ChatError,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -83,19 +89,27 @@ impl Node {
         // store reports durable messages to it.
         let registry_ctx = actix::Context::<RoomRegistry>::new();
         let bus = registry_ctx.address();
-        let store: Arc<dyn MessageStore> = Arc::new(
-            EmbeddedStore::open(
-                &settings.node.data_dir,
-                Box::new(move |message| bus.do_send(Publish { message })),
-            )
-            .map_err(StartError::Store)?,
-        );
+        let (store, cluster): (Arc<dyn MessageStore>, _) = match settings.cluster() {
+            None => {
+                let store = EmbeddedStore::open(
+                    &settings.node.data_dir,
+                    Box::new(move |message| bus.do_send(Publish { message })),
+                )
+                .map_err(StartError::Store)?;
+                (Arc::new(store), None)
+            }
+            Some(c) => {
+                let parts = cluster::connect(&settings, &c, metrics.clone()).await?;
+                (Arc::new(parts.store.clone()), Some(parts))
+            }
+        };
         let registry = registry_ctx.run(RoomRegistry::new(
             settings.node.id.clone(),
             store.clone(),
             metrics.clone(),
         ));
-        Scheduler::new(metrics.clone(), settings.node.id.clone()).start();
+        let bridge = cluster.map(|parts| parts.start_bridge(&settings, registry.clone()));
+        Scheduler::new(&settings, metrics.clone(), registry.clone(), bridge).start();
         let app = Arc::new(AppState {
             tokens: Tokens::new(&settings.auth.secret, settings.auth.token_ttl_secs),
             store,
@@ -128,11 +142,20 @@ impl Node {
         let addr = server.addrs().first().copied().unwrap_or(bind);
         let server = server.run();
         let handle = server.handle();
-        log::info!(
-            "Node {} listening on http://{addr} (standalone, store in {}).",
-            app.settings.node.id,
-            app.settings.node.data_dir.display()
-        );
+        match app.settings.cluster() {
+            None => log::info!(
+                "Node {} listening on http://{addr} (standalone, store in {}).",
+                app.settings.node.id,
+                app.settings.node.data_dir.display()
+            ),
+            Some(c) => log::info!(
+                "Node {} listening on http://{addr} (cluster: redis {}, kafka {}, mongo {}).",
+                app.settings.node.id,
+                c.redis.url,
+                c.kafka.brokers,
+                c.mongo.url
+            ),
+        }
         Ok(Node {
             addr,
             app,

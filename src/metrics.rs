@@ -84,6 +84,16 @@ impl Metrics {
             "Rooms with members on this node.",
             self.rooms.load(Relaxed),
         );
+        gauge(
+            "producer_queue",
+            "Messages waiting for Kafka to acknowledge them.",
+            self.producer_queue.load(Relaxed),
+        );
+        gauge(
+            "consumer_lag",
+            "Records of the topic not yet stored by this node's persist workers.",
+            self.consumer_lag.load(Relaxed),
+        );
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
@@ -182,5 +192,16 @@ mod tests {
         assert!(text.contains("scalable_chat_ack_latency_seconds_count 3\n"));
         assert!(text.contains("scalable_chat_errors_total{code=\"rate_limited\"} 1\n"));
         assert!(text.contains("scalable_chat_errors_total{code=\"internal\"} 0\n"));
+        for name in [
+            "producer_queue",
+            "consumer_lag",
+            "persist_batches_total",
+            "redis_reconnects_total",
+        ] {
+            assert!(
+                text.contains(&format!("\nscalable_chat_{name} 0\n")),
+                "{name}"
+            );
+        }
     }
 }

@@ -40,10 +40,20 @@ pub struct CheckKafka;
 #[rtype(result = "()")]
 pub struct FlushKafka;
 
+/// The highest seq of a room among the records the persist group has not
+/// stored yet: what MongoDB will hold but may not hold now. Used to seed a
+/// room's seq when Redis lost it.
+#[derive(Message)]
+#[rtype(result = "Result<u64, ChatError>")]
+pub struct UnpersistedMaxSeq {
+    pub room: String,
+}
+
 /// The node's Kafka producer.
 pub struct KafkaSink {
     producer: FutureProducer,
     topic: String,
+    settings: KafkaSettings,
     metrics: Arc<Metrics>,
 }
 
@@ -69,6 +79,7 @@ impl KafkaSink {
         Ok(Self {
             producer,
             topic: settings.topic.clone(),
+            settings: settings.clone(),
             metrics,
         })
     }
@@ -173,4 +184,96 @@ impl Handler<FlushKafka> for KafkaSink {
                 tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
         })
     }
+}
+
+impl Handler<UnpersistedMaxSeq> for KafkaSink {
+    type Result = ResponseFuture<Result<u64, ChatError>>;
+
+    fn handle(&mut self, msg: UnpersistedMaxSeq, _: &mut Context<Self>) -> Self::Result {
+        let settings = self.settings.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || unpersisted_max_seq(&settings, &msg.room))
+                .await
+                .map_err(|e| ChatError::Internal(e.to_string()))?
+        })
+    }
+}
+
+/// Reads every partition from the persist group's committed offset to its
+/// end and returns the highest seq of `room` found there (0 if none).
+fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, ChatError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message as _, Offset, TopicPartitionList};
+
+    /// Longest time the scan may take; past it the seed is refused.
+    const SCAN_LIMIT: Duration = Duration::from_secs(20);
+    let fail = |e: rdkafka::error::KafkaError| ChatError::Unavailable(format!("kafka: {e}"));
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(fail)?;
+    let metadata = consumer
+        .fetch_metadata(Some(&settings.topic), METADATA_TIMEOUT)
+        .map_err(fail)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut wanted = TopicPartitionList::new();
+    for p in &partitions {
+        wanted.add_partition(&settings.topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(wanted, METADATA_TIMEOUT)
+        .map_err(fail)?;
+    let mut assignment = TopicPartitionList::new();
+    let mut pending = 0usize;
+    for p in &partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(&settings.topic, *p, METADATA_TIMEOUT)
+            .map_err(fail)?;
+        let start = match committed
+            .find_partition(&settings.topic, *p)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        };
+        if start < high {
+            assignment
+                .add_partition_offset(&settings.topic, *p, Offset::Offset(start))
+                .map_err(fail)?;
+            pending += 1;
+        }
+    }
+    if pending == 0 {
+        return Ok(0);
+    }
+    consumer.assign(&assignment).map_err(fail)?;
+    let started = std::time::Instant::now();
+    let mut max = 0;
+    while pending > 0 {
+        if started.elapsed() > SCAN_LIMIT {
+            return Err(ChatError::Unavailable(
+                "kafka: the unpersisted backlog is too long to scan now".into(),
+            ));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(record)) if record.key() == Some(room.as_bytes()) => {
+                let stored = record.payload().map(serde_json::from_slice::<ChatMessage>);
+                if let Some(Ok(m)) = stored {
+                    max = max.max(m.seq);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => pending -= 1,
+            Some(Err(e)) => return Err(fail(e)),
+            None => {}
+        }
+    }
+    Ok(max)
 }

@@ -90,6 +90,12 @@ pub struct RemoteEvent {
 #[rtype(result = "()")]
 pub struct Resync;
 
+/// Warm the recent-history cache of every room with local members (a
+/// scheduled job).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WarmCaches;
+
 /// Cluster mode: relay rooms through this bridge from now on.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -286,6 +292,23 @@ impl Handler<Resync> for RoomRegistry {
         for entry in self.rooms.values() {
             entry.addr.do_send(Backfill);
         }
+    }
+}
+
+impl Handler<WarmCaches> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, _: WarmCaches, ctx: &mut Context<Self>) {
+        let warming: Vec<_> = self
+            .rooms
+            .keys()
+            .map(|room| self.store.warm(room))
+            .collect();
+        ctx.spawn(
+            async move {
+                join_all(warming).await;
+            }
+            .into_actor(self),
+        );
     }
 }
 

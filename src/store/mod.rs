@@ -2,8 +2,10 @@
 //! through [`MessageStore`]: standalone mode fills it with the embedded
 //! store; cluster mode fills the same seam with Redis, Kafka and MongoDB.
 
+pub mod cluster;
 pub mod embedded;
 pub mod keys;
+pub mod mongo;
 
 use futures_util::future::BoxFuture;
 
@@ -78,4 +80,10 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Resolves once every append accepted before the call has been answered.
     fn flush(&self) -> BoxFuture<'static, ()>;
+
+    /// Prepares a room's recent history for fast reads if it went cold. The
+    /// embedded store is always warm.
+    fn warm(&self, _room: &str) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }

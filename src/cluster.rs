@@ -1,0 +1,99 @@
+//! Start-up of cluster mode: connects Redis, Kafka and MongoDB, and starts
+//! the actors that use them.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use redis::aio::ConnectionManager;
+
+use crate::actors::kafka_sink::KafkaSink;
+use crate::actors::persist::PersistSupervisor;
+use crate::actors::redis_bridge::RedisBridge;
+use crate::actors::registry::{AttachBridge, RoomRegistry};
+use crate::config::{ClusterSettings, Role, Settings};
+use crate::error::ChatError;
+use crate::metrics::Metrics;
+use crate::store::cluster::ClusterStore;
+use crate::store::mongo::MongoStore;
+use crate::StartError;
+
+/// The connected services of a cluster node.
+pub(crate) struct ClusterParts {
+    pub store: ClusterStore,
+    client: redis::Client,
+    redis: ConnectionManager,
+    metrics: Arc<Metrics>,
+}
+
+fn service(service: &'static str) -> impl Fn(ChatError) -> StartError {
+    move |error| StartError::Service { service, error }
+}
+
+/// Connects every service; fails naming the first one that does not answer.
+pub(crate) async fn connect(
+    settings: &Settings,
+    c: &ClusterSettings,
+    metrics: Arc<Metrics>,
+) -> Result<ClusterParts, StartError> {
+    let client = redis::Client::open(c.redis.url.as_str())
+        .map_err(|e| ChatError::Unavailable(e.to_string()))
+        .map_err(service("redis"))?;
+    let redis = ConnectionManager::new(client.clone())
+        .await
+        .map_err(|e| ChatError::Unavailable(e.to_string()))
+        .map_err(service("redis"))?;
+    let sink = KafkaSink::connect(&c.kafka, metrics.clone())
+        .await
+        .map_err(service("kafka"))?
+        .start();
+    let mongo = Arc::new(
+        MongoStore::connect(&c.mongo)
+            .await
+            .map_err(service("mongo"))?,
+    );
+    if settings.node.roles.contains(&Role::Persist) {
+        PersistSupervisor::new(
+            c.clone(),
+            mongo.clone(),
+            redis.clone(),
+            metrics.clone(),
+            c.kafka.persist_workers,
+        )
+        .start();
+    }
+    let store = ClusterStore::new(
+        redis.clone(),
+        sink,
+        mongo,
+        c.redis.clone(),
+        settings.node.id.clone(),
+    );
+    Ok(ClusterParts {
+        store,
+        client,
+        redis,
+        metrics,
+    })
+}
+
+impl ClusterParts {
+    /// Starts the relay and attaches it to the registry.
+    pub(crate) fn start_bridge(
+        self,
+        settings: &Settings,
+        registry: Addr<RoomRegistry>,
+    ) -> Addr<RedisBridge> {
+        let bridge = RedisBridge::new(
+            self.client,
+            self.redis,
+            registry.clone(),
+            settings.node.id.clone(),
+            self.metrics,
+        )
+        .start();
+        registry.do_send(AttachBridge {
+            bridge: bridge.clone(),
+        });
+        bridge
+    }
+}

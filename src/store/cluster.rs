@@ -1,0 +1,546 @@
+//! The message log of cluster mode: Redis sequences and de-duplicates,
+//! Kafka makes durable, Redis relays and caches, MongoDB keeps history.
+//!
+//! An append is: (1) one Lua script in Redis that returns the earlier
+//! `id`/`seq` for a repeated cid or assigns the room's next seq; (2) a
+//! produce to Kafka through the `KafkaSink`, awaited until its delivery
+//! report; (3) one Lua script that adds the message to the room's recent
+//! cache and publishes it on the room's channel. Only after (2) is the
+//! message visible to anyone, and only after (3) is it acked.
+//!
+//! History is the recent cache in Redis joined with MongoDB: the cache is
+//! trimmed only below what MongoDB already holds, so the two together never
+//! have a hole, even while the persist workers lag or MongoDB is down.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use super::mongo::MongoStore;
+use super::{keys, Accepted, DependencyStatus, MessageStore, NewMessage, Page};
+use crate::actors::kafka_sink::{CheckKafka, FlushKafka, KafkaSink, Produce, UnpersistedMaxSeq};
+use crate::actors::redis_bridge::Event;
+use crate::config::RedisSettings;
+use crate::error::ChatError;
+use crate::protocol::ChatMessage;
+
+/// Accepts a message: KEYS seq, cids; ARGV field (`user:cid`), id, ts, ttl.
+/// Returns `{1, "seq id ts"}` for a new message, `{0, "seq id ts"}` for a
+/// repeated cid, `{-1, ""}` when the room's seq is missing and must be
+/// seeded first (a new room, or Redis lost its data).
+const ACCEPT: &str = r"
+local prior = redis.call('HGET', KEYS[2], ARGV[1])
+if prior then
+  return {0, prior}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {-1, ''}
+end
+local seq = redis.call('INCR', KEYS[1])
+local value = seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[3]
+redis.call('HSET', KEYS[2], ARGV[1], value)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {1, value}
+";
+
+/// Sets a room's seq to at least ARGV[1]: KEYS seq. It never goes down.
+const SEED: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local floor = tonumber(ARGV[1])
+if current < floor then
+  redis.call('SET', KEYS[1], floor)
+  return floor
+end
+return current
+";
+
+/// Caches and publishes a durable message: KEYS recent, persisted;
+/// ARGV seq, message JSON, event JSON, cache size, channel, margin. Trims
+/// the cache to its size, but never within `margin` of the highest seq
+/// MongoDB is known to hold: seqs reach Kafka slightly out of order across
+/// nodes, so a lower seq may still be on its way to MongoDB.
+const DELIVER: &str = r"
+local seq = tonumber(ARGV[1])
+if #redis.call('ZRANGEBYSCORE', KEYS[1], seq, seq, 'LIMIT', 0, 1) == 0 then
+  redis.call('ZADD', KEYS[1], seq, ARGV[2])
+end
+redis.call('PUBLISH', ARGV[5], ARGV[3])
+local n = redis.call('ZCARD', KEYS[1])
+local size = tonumber(ARGV[4])
+if n > size then
+  local persisted = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local edge = redis.call('ZRANGE', KEYS[1], n - size - 1, n - size - 1, 'WITHSCORES')
+  local cutoff = math.min(persisted - tonumber(ARGV[6]), tonumber(edge[2]))
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+end
+return 1
+";
+
+/// Seqs below MongoDB's watermark that the cache still keeps (see DELIVER).
+const TRIM_MARGIN: u64 = 100;
+
+struct Inner {
+    redis: ConnectionManager,
+    sink: Addr<KafkaSink>,
+    mongo: Arc<MongoStore>,
+    settings: RedisSettings,
+    node_id: String,
+    accept: Script,
+    seed: Script,
+    deliver: Script,
+}
+
+/// The cluster-mode message log.
+#[derive(Clone)]
+pub struct ClusterStore {
+    inner: Arc<Inner>,
+}
+
+fn unavailable(service: &str) -> impl Fn(redis::RedisError) -> ChatError + '_ {
+    move |e| ChatError::Unavailable(format!("{service}: {e}"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl ClusterStore {
+    pub fn new(
+        redis: ConnectionManager,
+        sink: Addr<KafkaSink>,
+        mongo: Arc<MongoStore>,
+        settings: RedisSettings,
+        node_id: String,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                redis,
+                sink,
+                mongo,
+                settings,
+                node_id,
+                accept: Script::new(ACCEPT),
+                seed: Script::new(SEED),
+                deliver: Script::new(DELIVER),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// Steps (1) to (3) of an append.
+    async fn append(&self, msg: NewMessage) -> Result<Accepted, ChatError> {
+        let mut conn = self.redis.clone();
+        let field = format!("{}:{}", msg.user.id, msg.cid);
+        let id = ulid::Ulid::new().to_string();
+        let ts = now_ms();
+        let mut seeded = false;
+        let (status, value) = loop {
+            let (status, value): (i64, String) = self
+                .accept
+                .key(keys::seq(&msg.room))
+                .key(keys::cids(&msg.room))
+                .arg(&field)
+                .arg(&id)
+                .arg(ts)
+                .arg(self.settings.cid_ttl_secs)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable("redis"))?;
+            if status >= 0 || seeded {
+                break (status, value);
+            }
+            self.seed_room(&msg.room).await?;
+            seeded = true;
+        };
+        let mut parts = value.splitn(3, ' ');
+        let (Some(seq), Some(id), Some(ts)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(ChatError::Internal(format!("bad accept answer `{value}`")));
+        };
+        let message = ChatMessage {
+            room: msg.room,
+            seq: seq
+                .parse()
+                .map_err(|_| ChatError::Internal(format!("bad seq `{seq}`")))?,
+            id: id.to_string(),
+            user: msg.user,
+            text: msg.text,
+            ts: ts
+                .parse()
+                .map_err(|_| ChatError::Internal(format!("bad ts `{ts}`")))?,
+            cid: msg.cid,
+        };
+        // A repeated cid is produced again with its first id and seq: the
+        // first attempt may not have reached Kafka. MongoDB and every
+        // client keep it once.
+        self.sink
+            .send(Produce {
+                message: message.clone(),
+            })
+            .await
+            .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))??;
+        if let Err(e) = self.deliver(&message).await {
+            // Durable already, so it is acked; other nodes backfill it when
+            // the relay is back, and MongoDB will hold it.
+            log::warn!(
+                "Message {} of {} is durable but was not relayed: {e:?}.",
+                message.seq,
+                message.room
+            );
+        }
+        Ok(Accepted {
+            message,
+            duplicate: status == 0,
+        })
+    }
+
+    /// Step (3): cache and publish.
+    async fn deliver(&self, message: &ChatMessage) -> Result<(), ChatError> {
+        let json =
+            serde_json::to_string(message).map_err(|e| ChatError::Internal(e.to_string()))?;
+        let event = serde_json::to_string(&Event::Msg {
+            node: self.node_id.clone(),
+            m: message.clone(),
+        })
+        .map_err(|e| ChatError::Internal(e.to_string()))?;
+        let mut conn = self.redis.clone();
+        let _: i64 = self
+            .deliver
+            .key(keys::recent(&message.room))
+            .key(keys::persisted(&message.room))
+            .arg(message.seq)
+            .arg(json)
+            .arg(event)
+            .arg(self.settings.cache_size)
+            .arg(keys::channel(&message.room))
+            .arg(TRIM_MARGIN)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable("redis"))?;
+        Ok(())
+    }
+
+    /// Starts a room's seq above everything durable: what MongoDB holds,
+    /// what Kafka holds that MongoDB does not yet, and what the cache holds.
+    /// Runs for a new room and after Redis lost its data.
+    async fn seed_room(&self, room: &str) -> Result<(), ChatError> {
+        let stored = self.mongo.max_seq(room).await?;
+        let cached = self.cache_max(room).await?;
+        let in_log = self
+            .sink
+            .send(UnpersistedMaxSeq {
+                room: room.to_string(),
+            })
+            .await
+            .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))??;
+        let floor = stored.max(cached).max(in_log);
+        let mut conn = self.redis.clone();
+        let _: i64 = self
+            .seed
+            .key(keys::seq(room))
+            .arg(floor)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable("redis"))?;
+        let _: () = conn
+            .sadd(keys::ROOMS, room)
+            .await
+            .map_err(unavailable("redis"))?;
+        if floor > 0 {
+            log::warn!("Room {room} had no seq in Redis; seeded it at {floor}.");
+        }
+        Ok(())
+    }
+
+    async fn cache_max(&self, room: &str) -> Result<u64, ChatError> {
+        let mut conn = self.redis.clone();
+        let top: Vec<(String, f64)> = conn
+            .zrevrange_withscores(keys::recent(room), 0, 0)
+            .await
+            .map_err(unavailable("redis"))?;
+        Ok(top.first().map_or(0, |(_, s)| *s as u64))
+    }
+
+    /// Cached messages with `min <= seq <= max`, ascending, at most `limit`
+    /// (from the top when `newest`).
+    async fn cached(
+        &self,
+        room: &str,
+        min: u64,
+        max: u64,
+        limit: usize,
+        newest: bool,
+    ) -> Result<Vec<ChatMessage>, ChatError> {
+        let mut conn = self.redis.clone();
+        let raw: Vec<String> = if newest {
+            conn.zrevrangebyscore_limit(keys::recent(room), max, min, 0, limit as isize)
+                .await
+        } else {
+            conn.zrangebyscore_limit(keys::recent(room), min, max, 0, limit as isize)
+                .await
+        }
+        .map_err(unavailable("redis"))?;
+        let mut out: Vec<ChatMessage> = raw
+            .iter()
+            .filter_map(|j| serde_json::from_str(j).ok())
+            .collect();
+        out.sort_by_key(|m| m.seq);
+        Ok(out)
+    }
+
+    /// The lowest seq in the cache, if any.
+    async fn cache_min(&self, room: &str) -> Result<Option<u64>, ChatError> {
+        let mut conn = self.redis.clone();
+        let low: Vec<(String, f64)> = conn
+            .zrange_withscores(keys::recent(room), 0, 0)
+            .await
+            .map_err(unavailable("redis"))?;
+        Ok(low.first().map(|(_, s)| *s as u64))
+    }
+
+    async fn after(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, ChatError> {
+        let from = since.saturating_add(1);
+        let cached = self
+            .cached(room, from, u64::MAX >> 11, limit, false)
+            .await?;
+        // The cache is a suffix of the room's history: when it starts at or
+        // below `from`, it alone answers.
+        if self.cache_min(room).await?.is_some_and(|low| low <= from) {
+            return Ok(cached);
+        }
+        let stored = self.mongo.after(room, since, limit).await?;
+        Ok(merge(stored, cached, limit, false))
+    }
+
+    async fn before(&self, room: &str, before: Option<u64>, limit: u32) -> Result<Page, ChatError> {
+        let limit = limit as usize;
+        let max = before.map_or(u64::MAX >> 11, |b| b.saturating_sub(1));
+        if before == Some(0) || max == 0 {
+            return Ok(Page::default());
+        }
+        let cached = self.cached(room, 0, max, limit + 1, true).await?;
+        if cached.len() > limit || cached.first().is_some_and(|m| m.seq == 1) {
+            let has_more = cached.len() > limit;
+            let skip = cached.len().saturating_sub(limit);
+            return Ok(Page {
+                messages: cached.into_iter().skip(skip).collect(),
+                has_more,
+            });
+        }
+        let (stored, stored_more) = self.mongo.before(room, before, limit as u32).await?;
+        let merged = merge(stored, cached, limit + 1, true);
+        let has_more = merged.len() > limit || stored_more;
+        let skip = merged.len().saturating_sub(limit);
+        Ok(Page {
+            messages: merged.into_iter().skip(skip).collect(),
+            has_more,
+        })
+    }
+
+    /// Refills an empty recent cache from MongoDB (after Redis lost its
+    /// data, or for a room that was quiet longer than the cache lived).
+    async fn warm(&self, room: &str) -> Result<(), ChatError> {
+        let mut conn = self.redis.clone();
+        let cached: u64 = conn
+            .zcard(keys::recent(room))
+            .await
+            .map_err(unavailable("redis"))?;
+        if cached > 0 {
+            return Ok(());
+        }
+        let limit = self.settings.cache_size.min(u32::MAX as usize) as u32;
+        let (stored, _) = self.mongo.before(room, None, limit).await?;
+        if stored.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for m in &stored {
+            let json = serde_json::to_string(m).map_err(|e| ChatError::Internal(e.to_string()))?;
+            pipe.zadd(keys::recent(room), json, m.seq).ignore();
+        }
+        let _: () = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("redis"))?;
+        log::info!(
+            "Warmed the recent cache of {room} with {} messages.",
+            stored.len()
+        );
+        Ok(())
+    }
+
+    async fn last_seq(&self, room: &str) -> Result<u64, ChatError> {
+        let cached = self.cache_max(room).await?;
+        if cached > 0 {
+            return Ok(cached);
+        }
+        self.mongo.max_seq(room).await
+    }
+
+    async fn rooms(&self) -> Result<Vec<(String, u64)>, ChatError> {
+        let mut conn = self.redis.clone();
+        let names: Vec<String> = conn
+            .smembers(keys::ROOMS)
+            .await
+            .map_err(unavailable("redis"))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let last = self.last_seq(&name).await?;
+            out.push((name, last));
+        }
+        Ok(out)
+    }
+
+    async fn check(&self) -> Vec<DependencyStatus> {
+        let mut conn = self.redis.clone();
+        let redis: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
+        let kafka = match self.sink.send(CheckKafka).await {
+            Ok(r) => r,
+            Err(_) => Err(ChatError::Unavailable("kafka sink stopped".into())),
+        };
+        let mongo = self.mongo.ping().await;
+        let text = |e: ChatError| match e {
+            ChatError::Unavailable(m) | ChatError::Internal(m) => m,
+            other => other.to_string(),
+        };
+        vec![
+            DependencyStatus {
+                name: "redis",
+                error: redis.err().map(|e| e.to_string()),
+            },
+            DependencyStatus {
+                name: "kafka",
+                error: kafka.err().map(text),
+            },
+            DependencyStatus {
+                name: "mongo",
+                error: mongo.err().map(text),
+            },
+        ]
+    }
+}
+
+/// Joins two ascending lists by seq, dropping duplicates, and keeps
+/// `limit` of them: the lowest, or the highest when `newest`.
+fn merge(a: Vec<ChatMessage>, b: Vec<ChatMessage>, limit: usize, newest: bool) -> Vec<ChatMessage> {
+    let mut all: Vec<ChatMessage> = a.into_iter().chain(b).collect();
+    all.sort_by_key(|m| m.seq);
+    all.dedup_by_key(|m| m.seq);
+    if newest {
+        let skip = all.len().saturating_sub(limit);
+        all.into_iter().skip(skip).collect()
+    } else {
+        all.truncate(limit);
+        all
+    }
+}
+
+impl MessageStore for ClusterStore {
+    fn append(&self, msg: NewMessage) -> BoxFuture<'static, Result<Accepted, ChatError>> {
+        let inner = self.inner.clone();
+        async move { inner.append(msg).await }.boxed()
+    }
+
+    fn after(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ChatError>> {
+        let inner = self.inner.clone();
+        let room = room.to_string();
+        async move { inner.after(&room, since, limit).await }.boxed()
+    }
+
+    fn before(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> BoxFuture<'static, Result<Page, ChatError>> {
+        let inner = self.inner.clone();
+        let room = room.to_string();
+        async move { inner.before(&room, before, limit).await }.boxed()
+    }
+
+    fn last_seq(&self, room: &str) -> BoxFuture<'static, Result<u64, ChatError>> {
+        let inner = self.inner.clone();
+        let room = room.to_string();
+        async move { inner.last_seq(&room).await }.boxed()
+    }
+
+    fn rooms(&self) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>> {
+        let inner = self.inner.clone();
+        async move { inner.rooms().await }.boxed()
+    }
+
+    fn check(&self) -> BoxFuture<'static, Vec<DependencyStatus>> {
+        let inner = self.inner.clone();
+        async move { inner.check().await }.boxed()
+    }
+
+    fn warm(&self, room: &str) -> BoxFuture<'static, ()> {
+        let inner = self.inner.clone();
+        let room = room.to_string();
+        async move {
+            if let Err(e) = inner.warm(&room).await {
+                log::warn!("Warming the cache of {room} failed: {e:?}.");
+            }
+        }
+        .boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'static, ()> {
+        let sink = self.inner.sink.clone();
+        async move {
+            let _ = sink.send(FlushKafka).await;
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::User;
+
+    fn m(seq: u64) -> ChatMessage {
+        ChatMessage {
+            room: "r".into(),
+            seq,
+            id: format!("id{seq}"),
+            user: User {
+                id: "u".into(),
+                name: "n".into(),
+            },
+            text: "t".into(),
+            ts: 0,
+            cid: format!("c{seq}"),
+        }
+    }
+
+    #[test]
+    fn merge_dedups_and_keeps_the_right_end() {
+        let a = vec![m(1), m(2), m(3)];
+        let b = vec![m(3), m(4)];
+        let seqs = |v: Vec<ChatMessage>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(merge(a.clone(), b.clone(), 10, false)),
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(seqs(merge(a.clone(), b.clone(), 2, false)), vec![1, 2]);
+        assert_eq!(seqs(merge(a, b, 2, true)), vec![3, 4]);
+    }
+}
