@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 const STORE_WITHIN: Duration = Duration::from_secs(30);
 
 /// How long a test waits for a batch of messages to reach every client.
-const DELIVER_WITHIN: Duration = Duration::from_secs(60);
+const DELIVER_WITHIN: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- harness
 
@@ -240,13 +240,28 @@ async fn read_until(
         let Some(v) = c.try_recv_json(left).await else {
             let missing_msgs: Vec<&String> = msgs.difference(&got_msgs).take(10).collect();
             let missing_acks: Vec<&String> = acks.difference(&got_acks).take(10).collect();
+            let arrived: Vec<String> = seen
+                .msgs
+                .iter()
+                .map(|m| format!("{}:{}", m["seq"], m["cid"].as_str().unwrap_or("?")))
+                .collect();
+            let acked_missing: Vec<String> = seen
+                .acks
+                .iter()
+                .filter(|a| a["cid"].as_str().is_some_and(|c| !got_msgs.contains(c)))
+                .map(|a| format!("{}:{}", a["seq"], a["cid"].as_str().unwrap_or("?")))
+                .collect();
             panic!(
                 "{who}: after {within:?} got {} of {} msgs and {} of {} acks in {room}; \
-                 missing msgs (first 10) {missing_msgs:?}, missing acks {missing_acks:?}",
+                 missing msgs (first 10) {missing_msgs:?}, missing acks {missing_acks:?}; \
+                 acked here but never delivered here (seq:cid): {}; \
+                 msgs that arrived (seq:cid, in order): {}",
                 got_msgs.intersection(msgs).count(),
                 msgs.len(),
                 got_acks.intersection(acks).count(),
-                acks.len()
+                acks.len(),
+                acked_missing.join(" "),
+                arrived.join(" ")
             );
         };
         match v["op"].as_str() {
@@ -539,6 +554,7 @@ async fn concurrent_senders_on_two_nodes_give_one_order_everywhere() {
     let mut acks = seen_sa.acks.clone();
     acks.extend(seen_sb.acks.iter().cloned());
     let acked = ack_map(&acks);
+    eprintln!("acks (cid: seq id): {acked:?}");
     assert_eq!(acked.len(), 200);
     let seqs: BTreeSet<u64> = acked.values().map(|(s, _)| *s).collect();
     let ids: BTreeSet<&String> = acked.values().map(|(_, i)| i).collect();
@@ -878,6 +894,11 @@ async fn clients_of_a_killed_node_resume_on_another_and_miss_nothing() {
         .map(|(cid, (s, id))| (*s, cid.clone(), id.clone()))
         .collect();
     missed.sort();
+    assert!(
+        missed.len() >= 20,
+        "ann saw up to seq {last_seen}, which leaves only {} messages to replay: {missed:?}",
+        missed.len()
+    );
 
     // She resumes on node b.
     let mut ann2 = cluster.nodes[1].connect(&ann_token).await;
@@ -950,6 +971,7 @@ async fn same_cid_through_two_nodes_makes_one_message() {
     );
     let acked_a = ack_map(&seen_a.acks);
     let acked_b = ack_map(&seen_b.acks);
+    eprintln!("acks (cid: seq id): {acked_a:?}");
     for cid in &cids {
         assert_eq!(
             acked_a[cid], acked_b[cid],
