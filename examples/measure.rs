@@ -3,7 +3,10 @@
 //!
 //! ```text
 //! cargo run --release --example measure -- http://127.0.0.1:8080 <node pid> [idle] [sends]
+//! cargo run --release --example measure -- burst <base URL>[,<base URL>…] <clients> <messages each> <window>
 //! ```
+//! `burst` keeps `window` sends in flight on each client, spread over the
+//! given nodes, and reports accepted messages per second.
 //! The node must accept connections without an Origin header (the default),
 //! and allow the send rate: start it with a high `limits.rate_per_sec`.
 
@@ -37,9 +40,98 @@ async fn token(base: &str, name: &str) -> String {
     v["token"].as_str().unwrap().to_string()
 }
 
+/// One client of a burst: `count` sends, `window` of them unacked at most.
+async fn burst_client(
+    base: String,
+    name: String,
+    room: String,
+    count: usize,
+    window: usize,
+) -> Vec<Duration> {
+    let tok = token(&base, &name).await;
+    let ws = base.replacen("http", "ws", 1);
+    let (mut c, _) = tokio_tungstenite::connect_async(format!("{ws}/ws?token={tok}"))
+        .await
+        .unwrap();
+    c.next().await.unwrap().unwrap();
+    c.send(Message::text(json!({"op":"join","room":room}).to_string()))
+        .await
+        .unwrap();
+    loop {
+        let Message::Text(m) = c.next().await.unwrap().unwrap() else {
+            continue;
+        };
+        if m.contains("\"joined\"") {
+            break;
+        }
+    }
+    let mut sent_at = std::collections::HashMap::new();
+    let mut lat = Vec::with_capacity(count);
+    let mut sent = 0;
+    while lat.len() < count {
+        while sent < count && sent_at.len() < window {
+            let cid = format!("{name}-{sent}");
+            let frame = json!({"op":"send","room":room,"text":"burst","cid":cid}).to_string();
+            sent_at.insert(cid, Instant::now());
+            c.send(Message::text(frame)).await.unwrap();
+            sent += 1;
+        }
+        let Message::Text(m) = c.next().await.unwrap().unwrap() else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&m).unwrap();
+        assert_ne!(v["op"], "error", "{v}");
+        if v["op"] == "ack" {
+            if let Some(t0) = sent_at.remove(v["cid"].as_str().unwrap()) {
+                lat.push(t0.elapsed());
+            }
+        }
+    }
+    lat
+}
+
+async fn burst(args: &[String]) {
+    let bases: Vec<String> = args[2].split(',').map(str::to_string).collect();
+    let clients: usize = args[3].parse().unwrap();
+    let each: usize = args[4].parse().unwrap();
+    let window: usize = args[5].parse().unwrap();
+    let run = std::process::id();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let base = bases[i % bases.len()].clone();
+            let room = format!("burst-{run}-{}", i % 10);
+            tokio::spawn(burst_client(
+                base,
+                format!("b{run}x{i}"),
+                room,
+                each,
+                window,
+            ))
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "burst: {} messages acked in {secs:.1} s = {:.0} msgs/s; accept->ack p50 {:?}, p99 {:?}",
+        lat.len(),
+        lat.len() as f64 / secs,
+        pct(0.5),
+        pct(0.99)
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("burst") {
+        return burst(&args).await;
+    }
     let base = args
         .get(1)
         .cloned()

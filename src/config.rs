@@ -418,10 +418,19 @@ impl Settings {
             if k.persist_workers == 0 {
                 return fail("kafka.persist_workers", "must be positive");
             }
+            if k.message_timeout_ms == 0 {
+                return fail("kafka.message_timeout_ms", "must be positive");
+            }
+            if k.replication_factor < 1 {
+                return fail("kafka.replication_factor", "must be positive");
+            }
         }
         if let Some(r) = &self.redis {
             if r.cache_size == 0 {
                 return fail("redis.cache_size", "must be positive");
+            }
+            if r.cid_ttl_secs == 0 {
+                return fail("redis.cid_ttl_secs", "must be positive");
             }
         }
         if let Some(m) = &self.mongo {

@@ -12,7 +12,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use futures_util::future::join_all;
 
-use super::redis_bridge::{Event, RedisBridge, Subscribe, Unsubscribe};
+use super::redis_bridge::{Event, RedisBridge, Unsubscribe};
 use super::room::{
     Backfill, CountUsers, Deliver, GetMembers, JoinRoom, LeaveRoom, Remote, Room, TypingIn,
 };
@@ -186,43 +186,29 @@ impl Handler<Disconnect> for RoomRegistry {
 impl Handler<Join> for RoomRegistry {
     type Result = ResponseFuture<Vec<User>>;
     fn handle(&mut self, msg: Join, _: &mut Context<Self>) -> Self::Result {
-        let mut subscribed = None;
-        let entry = match self.rooms.entry(msg.room.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let room = Room::new(
-                    msg.room.clone(),
-                    self.node_id.clone(),
-                    self.store.clone(),
-                    self.bridge.clone(),
-                    self.metrics.clone(),
-                );
-                subscribed = self.bridge.as_ref().map(|b| {
-                    b.send(Subscribe {
-                        room: msg.room.clone(),
-                    })
-                });
-                e.insert(RoomEntry {
-                    addr: room.start(),
-                    sessions: 0,
-                })
+        let entry = self.rooms.entry(msg.room.clone()).or_insert_with(|| {
+            let room = Room::new(
+                msg.room.clone(),
+                self.node_id.clone(),
+                self.store.clone(),
+                self.bridge.clone(),
+                self.metrics.clone(),
+            );
+            RoomEntry {
+                addr: room.start(),
+                sessions: 0,
             }
-        };
+        });
         entry.sessions += 1;
         // `send` enqueues now, so the join is ahead of any later message.
+        // A new room answers once it is subscribed and knows where its
+        // history ends, so the session's replay after it misses nothing.
         let reply = entry.addr.send(JoinRoom {
             session_id: msg.session_id,
             user: msg.user,
             outbox: msg.outbox,
         });
-        Box::pin(async move {
-            // The session reads history only once the relay is live, so
-            // nothing published in between is missed.
-            if let Some(subscribed) = subscribed {
-                let _ = subscribed.await;
-            }
-            reply.await.unwrap_or_default()
-        })
+        Box::pin(async move { reply.await.unwrap_or_default() })
     }
 }
 

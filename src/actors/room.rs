@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytestring::ByteString;
 
-use super::redis_bridge::{Broadcast, Event, RedisBridge, RemoteMembers};
+use super::redis_bridge::{Broadcast, Event, RedisBridge, RemoteMembers, Subscribe};
 use super::session::{FrameKind, SessionOutbox};
 use crate::metrics::Metrics;
 use crate::protocol::{frames, User};
@@ -20,7 +20,7 @@ use crate::store::MessageStore;
 
 /// How long a message waits for a lower seq still in flight on another
 /// node before that seq is given up as failed.
-const HOLD_BACK: Duration = Duration::from_millis(500);
+const HOLD_BACK: Duration = Duration::from_secs(1);
 /// Messages read per step when a room backfills after a relay gap.
 const BACKFILL_PAGE: usize = 500;
 
@@ -201,6 +201,11 @@ impl Room {
         }
     }
 
+    /// Whether a user is in the room here or on another node.
+    fn present(&self, user_id: &str) -> bool {
+        self.users.contains_key(user_id) || self.remote.keys().any(|(_, id)| id == user_id)
+    }
+
     fn broadcast(&self, event: Event) {
         if let Some(bridge) = &self.bridge {
             bridge.do_send(Broadcast {
@@ -253,16 +258,34 @@ impl Actor for Room {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.metrics.rooms.fetch_add(1, Relaxed);
-        if let Some(bridge) = &self.bridge {
-            let ask = bridge.send(RemoteMembers {
-                room: self.name.to_string(),
-            });
-            ctx.wait(ask.into_actor(self).map(|remote, act, _| {
-                for (node, user) in remote.unwrap_or_default() {
-                    act.remote.insert((node, user.id.clone()), user);
+        // Before anything else: subscribe, then learn where the room's
+        // history ends. Every later message is above that point and will
+        // arrive; a lower one arriving late is held back, not lost.
+        let room = self.name.to_string();
+        let bridge = self.bridge.clone();
+        let store = self.store.clone();
+        let ready = async move {
+            let remote = match bridge {
+                Some(bridge) => {
+                    let _ = bridge.send(Subscribe { room: room.clone() }).await;
+                    bridge
+                        .send(RemoteMembers { room: room.clone() })
+                        .await
+                        .unwrap_or_default()
                 }
-            }));
-        }
+                None => Vec::new(),
+            };
+            (remote, store.last_seq(&room).await)
+        };
+        ctx.wait(ready.into_actor(self).map(|(remote, last), act, _| {
+            for (node, user) in remote {
+                act.remote.insert((node, user.id.clone()), user);
+            }
+            match last {
+                Ok(last) => act.gate.delivered = Some(last),
+                Err(e) => log::warn!("Room {} cannot read its last seq: {e:?}.", act.name),
+            }
+        }));
         // Release held messages whose missing predecessors never came.
         ctx.run_interval(HOLD_BACK / 5, |act, _| {
             if !act.gate.held.is_empty() {
@@ -280,11 +303,14 @@ impl Actor for Room {
 impl Handler<JoinRoom> for Room {
     type Result = MessageResult<JoinRoom>;
     fn handle(&mut self, msg: JoinRoom, _: &mut Context<Self>) -> Self::Result {
+        let was_present = self.present(&msg.user.id);
         let count = self.users.entry(msg.user.id.clone()).or_insert(0);
         *count += 1;
         if *count == 1 {
-            let frame = frames::presence(&self.name, std::slice::from_ref(&msg.user), &[]);
-            self.tell_others(&msg.user.id, frame.into());
+            if !was_present {
+                let frame = frames::presence(&self.name, std::slice::from_ref(&msg.user), &[]);
+                self.tell_others(&msg.user.id, frame.into());
+            }
             self.broadcast(Event::Presence {
                 node: self.node_id.clone(),
                 room: self.name.to_string(),
@@ -320,8 +346,10 @@ impl Handler<LeaveRoom> for Room {
             }
         };
         if last {
-            let frame = frames::presence(&self.name, &[], std::slice::from_ref(&member.user));
-            self.tell_others(&member.user.id, frame.into());
+            if !self.present(&member.user.id) {
+                let frame = frames::presence(&self.name, &[], std::slice::from_ref(&member.user));
+                self.tell_others(&member.user.id, frame.into());
+            }
             self.broadcast(Event::Presence {
                 node: self.node_id.clone(),
                 room: self.name.to_string(),
@@ -363,15 +391,24 @@ impl Handler<Remote> for Room {
             Event::Presence {
                 node, joined, left, ..
             } => {
-                for user in &joined {
+                // A user counts once, however many nodes they are on: tell
+                // the local members only of a first arrival and a last exit.
+                for user in joined {
+                    let arrived = !self.present(&user.id);
                     self.remote
                         .insert((node.clone(), user.id.clone()), user.clone());
+                    if arrived {
+                        let frame = frames::presence(&self.name, std::slice::from_ref(&user), &[]);
+                        self.tell_others(&user.id, frame.into());
+                    }
                 }
-                for user in &left {
+                for user in left {
                     self.remote.remove(&(node.clone(), user.id.clone()));
+                    if !self.present(&user.id) {
+                        let frame = frames::presence(&self.name, &[], std::slice::from_ref(&user));
+                        self.tell_others(&user.id, frame.into());
+                    }
                 }
-                let frame = frames::presence(&self.name, &joined, &left);
-                self.tell_others("", frame.into());
             }
             Event::Typing { user, .. } => {
                 let frame = frames::typing(&self.name, &user);

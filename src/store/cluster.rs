@@ -12,6 +12,7 @@
 //! trimmed only below what MongoDB already holds, so the two together never
 //! have a hole, even while the persist workers lag or MongoDB is down.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::Addr;
@@ -92,6 +93,10 @@ struct Inner {
     accept: Script,
     seed: Script,
     deliver: Script,
+    /// One seeding at a time per room on this node: the first sends of a
+    /// new room all find it unseeded, and one look at the durable tail is
+    /// enough for all of them.
+    seeding: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The cluster-mode message log.
@@ -129,6 +134,7 @@ impl ClusterStore {
                 accept: Script::new(ACCEPT),
                 seed: Script::new(SEED),
                 deliver: Script::new(DELIVER),
+                seeding: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -177,7 +183,20 @@ impl Inner {
                 .map_err(|_| ChatError::Internal(format!("bad ts `{ts}`")))?,
             cid: msg.cid,
         };
-        // A repeated cid is produced again with its first id and seq: the
+        if status == 0 {
+            // A repeated cid: when the first attempt is cached it is durable
+            // and delivered, and it is the answer as first stored.
+            let cached = self
+                .cached(&message.room, message.seq, message.seq, 1, false)
+                .await?;
+            if let Some(first) = cached.into_iter().find(|m| m.id == message.id) {
+                return Ok(Accepted {
+                    message: first,
+                    duplicate: true,
+                });
+            }
+        }
+        // Otherwise it is produced again with its first id and seq: the
         // first attempt may not have reached Kafka. MongoDB and every
         // client keep it once.
         self.sink
@@ -231,6 +250,35 @@ impl Inner {
     /// what Kafka holds that MongoDB does not yet, and what the cache holds.
     /// Runs for a new room and after Redis lost its data.
     async fn seed_room(&self, room: &str) -> Result<(), ChatError> {
+        let lock = {
+            let mut map = self
+                .seeding
+                .lock()
+                .map_err(|_| ChatError::Internal("seeding lock poisoned".into()))?;
+            map.entry(room.to_string()).or_default().clone()
+        };
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.seed_room_once(room).await
+        };
+        if let Ok(mut map) = self.seeding.lock() {
+            // Drop the entry once nobody else waits on it.
+            if Arc::strong_count(&lock) <= 2 {
+                map.remove(room);
+            }
+        }
+        result
+    }
+
+    async fn seed_room_once(&self, room: &str) -> Result<(), ChatError> {
+        let mut conn = self.redis.clone();
+        let seeded: bool = conn
+            .exists(keys::seq(room))
+            .await
+            .map_err(unavailable("redis"))?;
+        if seeded {
+            return Ok(()); // by another send while this one waited
+        }
         let stored = self.mongo.max_seq(room).await?;
         let cached = self.cache_max(room).await?;
         let in_log = self
@@ -241,7 +289,6 @@ impl Inner {
             .await
             .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))??;
         let floor = stored.max(cached).max(in_log);
-        let mut conn = self.redis.clone();
         let _: i64 = self
             .seed
             .key(keys::seq(room))
