@@ -199,6 +199,20 @@ impl Handler<UnpersistedMaxSeq> for KafkaSink {
     }
 }
 
+/// The scan's consumer: reaching the end of a partition is how the scan
+/// knows it is done, not an error worth a log line.
+struct ScanContext;
+
+impl rdkafka::ClientContext for ScanContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            log::warn!("Kafka scan: {error}: {reason}.");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ScanContext {}
+
 /// Reads every partition from the persist group's committed offset to its
 /// end and returns the highest seq of `room` found there (0 if none).
 fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, ChatError> {
@@ -208,12 +222,12 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
     /// Longest time the scan may take; past it the seed is refused.
     const SCAN_LIMIT: Duration = Duration::from_secs(20);
     let fail = |e: rdkafka::error::KafkaError| ChatError::Unavailable(format!("kafka: {e}"));
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<ScanContext> = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(ScanContext)
         .map_err(fail)?;
     let metadata = consumer
         .fetch_metadata(Some(&settings.topic), METADATA_TIMEOUT)
