@@ -16,6 +16,14 @@ pub const DEFAULT_HISTORY_LIMIT: u32 = 50;
 /// Longest idempotency key.
 pub const MAX_CID_CHARS: usize = 64;
 
+/// Milliseconds since the Unix epoch, UTC: the clock of `ts`.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A user as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash)]
 pub struct User {

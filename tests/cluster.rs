@@ -516,19 +516,22 @@ async fn delivery_presence_and_typing_cross_nodes() {
     cluster.cleanup().await;
 }
 
-/// 3. 200 messages sent at once through two nodes reach every client of
-/// both nodes once each, in one strictly increasing seq order, all acked.
+/// 3. 200 messages sent at once through two of three nodes reach every
+/// client of all three once each, in one strictly increasing seq order, all
+/// acked.
 #[tokio::test]
 async fn concurrent_senders_on_two_nodes_give_one_order_everywhere() {
-    let mut cluster = Cluster::start(2).await;
+    let mut cluster = Cluster::start(3).await;
     let room = cluster.room("order");
-    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (a, b, c) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
 
     let (mut sa, ua, _) = a.user("sa").await;
     let (mut sb, ub, _) = b.user("sb").await;
     let (mut oa, _, _) = a.user("oa").await;
     let (mut ob, _, _) = b.user("ob").await;
-    for c in [&mut sa, &mut sb, &mut oa, &mut ob] {
+    // A third node with no sender: it only relays.
+    let (mut oc, _, _) = c.user("oc").await;
+    for c in [&mut sa, &mut sb, &mut oa, &mut ob, &mut oc] {
         c.join(&room).await;
     }
 
@@ -537,7 +540,7 @@ async fn concurrent_senders_on_two_nodes_give_one_order_everywhere() {
     let all: BTreeSet<String> = cid_set(&cids_a).union(&cid_set(&cids_b)).cloned().collect();
     let (acks_a, acks_b) = (cid_set(&cids_a), cid_set(&cids_b));
     let none = BTreeSet::new();
-    let (seen_sa, seen_sb, seen_oa, seen_ob) = tokio::join!(
+    let (seen_sa, seen_sb, seen_oa, seen_ob, seen_oc) = tokio::join!(
         async {
             send_all(&mut sa, &room, &cids_a).await;
             read_until(&mut sa, "sender a", &room, &all, &acks_a, DELIVER_WITHIN).await
@@ -548,6 +551,7 @@ async fn concurrent_senders_on_two_nodes_give_one_order_everywhere() {
         },
         read_until(&mut oa, "observer a", &room, &all, &none, DELIVER_WITHIN),
         read_until(&mut ob, "observer b", &room, &all, &none, DELIVER_WITHIN),
+        read_until(&mut oc, "observer c", &room, &all, &none, DELIVER_WITHIN),
     );
 
     // Every ack names its message; seqs and ids are unique.
@@ -567,6 +571,7 @@ async fn concurrent_senders_on_two_nodes_give_one_order_everywhere() {
         ("sender b", &seen_sb),
         ("observer a", &seen_oa),
         ("observer b", &seen_ob),
+        ("observer c", &seen_oc),
     ] {
         let got = seen.seqs();
         assert_eq!(
@@ -593,6 +598,7 @@ async fn concurrent_senders_on_two_nodes_give_one_order_everywhere() {
         (&mut sb, "sender b"),
         (&mut oa, "observer a"),
         (&mut ob, "observer b"),
+        (&mut oc, "observer c"),
     ] {
         assert_no_more_msgs(c, who, &room).await;
     }

@@ -303,13 +303,6 @@ impl Handler<RemoteMembers> for RedisBridge {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Handler<Heartbeat> for RedisBridge {
     type Result = ();
     fn handle(&mut self, _: Heartbeat, ctx: &mut Context<Self>) {
@@ -317,7 +310,9 @@ impl Handler<Heartbeat> for RedisBridge {
         let node = self.node_id.clone();
         ctx.spawn(
             async move {
-                let beat: redis::RedisResult<()> = conn.zadd(keys::NODES, &node, now_ms()).await;
+                let beat: redis::RedisResult<()> = conn
+                    .zadd(keys::NODES, &node, crate::protocol::now_ms())
+                    .await;
                 if let Err(e) = beat {
                     log::warn!("Node heartbeat failed: {e}.");
                 }
@@ -331,7 +326,7 @@ impl Handler<SweepDeadNodes> for RedisBridge {
     type Result = ();
     fn handle(&mut self, msg: SweepDeadNodes, ctx: &mut Context<Self>) {
         let mut conn = self.publisher.clone();
-        let cutoff = now_ms() - msg.dead_after.as_millis() as i64;
+        let cutoff = crate::protocol::now_ms() - msg.dead_after.as_millis() as i64;
         ctx.spawn(
             async move {
                 if let Err(e) = sweep(&mut conn, cutoff).await {

@@ -109,13 +109,6 @@ fn unavailable(service: &str) -> impl Fn(redis::RedisError) -> ChatError + '_ {
     move |e| ChatError::Unavailable(format!("{service}: {e}"))
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl ClusterStore {
     pub fn new(
         redis: ConnectionManager,
@@ -146,7 +139,7 @@ impl Inner {
         let mut conn = self.redis.clone();
         let field = format!("{}:{}", msg.user.id, msg.cid);
         let id = ulid::Ulid::new().to_string();
-        let ts = now_ms();
+        let ts = crate::protocol::now_ms();
         let mut seeded = false;
         let (status, value) = loop {
             let (status, value): (i64, String) = self

@@ -262,13 +262,6 @@ fn decode(bytes: &[u8]) -> Result<ChatMessage, StoreError> {
         .map_err(|e| redb::Error::Corrupted(format!("undecodable message: {e}")).into())
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// The writer thread: takes every job waiting, commits the appends among
 /// them in one transaction, then answers them and tells `on_commit`.
 fn writer_loop(db: &Database, rx: Receiver<Job>, on_commit: CommitHook) {
@@ -359,7 +352,7 @@ fn commit_batch(
                 id,
                 user: m.user.clone(),
                 text: m.text.clone(),
-                ts: now_ms(),
+                ts: crate::protocol::now_ms(),
                 cid: m.cid.clone(),
             };
             let bytes = serde_json::to_vec(&message).map_err(|e| {
