@@ -28,7 +28,7 @@ pub fn persisted(room: &str) -> String {
 }
 
 /// Hash of members on every node: field `<node id>|<user id>`, value the
-/// user as JSON with its session count on that node.
+/// user as JSON.
 pub fn members(room: &str) -> String {
     format!("chat:{{{room}}}:members")
 }
