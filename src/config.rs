@@ -246,6 +246,14 @@ pub struct Limits {
     pub outbound_hard_bytes: usize,
     /// Rooms one connection may have joined at once.
     pub max_rooms_per_session: usize,
+    /// Frames one user may send per second over all of their connections
+    /// to this node, and over the REST API (token bucket refill).
+    pub user_rate_per_sec: f64,
+    /// Frames one user may send in a burst (token bucket size).
+    pub user_rate_burst: u32,
+    /// WebSocket connections open at once from one client address (one
+    /// IPv4 address, or one IPv6 /64); more are refused with 429.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for Limits {
@@ -260,6 +268,9 @@ impl Default for Limits {
             outbound_soft_bytes: 256 * 1024,
             outbound_hard_bytes: 1024 * 1024,
             max_rooms_per_session: 100,
+            user_rate_per_sec: 30.0,
+            user_rate_burst: 60,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -394,6 +405,15 @@ impl Settings {
         }
         if l.max_rooms_per_session == 0 {
             return fail("limits.max_rooms_per_session", "must be positive");
+        }
+        if !(l.user_rate_per_sec.is_finite() && l.user_rate_per_sec > 0.0) {
+            return fail("limits.user_rate_per_sec", "must be a positive number");
+        }
+        if l.user_rate_burst == 0 {
+            return fail("limits.user_rate_burst", "must be positive");
+        }
+        if l.max_connections_per_address == 0 {
+            return fail("limits.max_connections_per_address", "must be positive");
         }
         let present = [
             ("redis", self.redis.is_some()),

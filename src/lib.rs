@@ -11,6 +11,7 @@ mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod store;
@@ -29,6 +30,7 @@ use actors::scheduler::Scheduler;
 use actors::session::ConnHandle;
 use auth::Tokens;
 use config::Settings;
+use limits::{AddressSlots, UserRates};
 use metrics::Metrics;
 use store::embedded::EmbeddedStore;
 use store::MessageStore;
@@ -42,6 +44,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set on SIGTERM: new messages are refused while the node drains.
     pub draining: AtomicBool,
+    /// One token bucket per user, over all of the user's connections.
+    pub user_rates: UserRates,
+    /// WebSocket connections open per client address.
+    pub address_slots: Arc<AddressSlots>,
     session_ids: AtomicU64,
 }
 
@@ -116,6 +122,13 @@ impl Node {
             registry,
             metrics,
             draining: AtomicBool::new(false),
+            user_rates: UserRates::new(
+                settings.limits.user_rate_per_sec,
+                settings.limits.user_rate_burst,
+            ),
+            address_slots: Arc::new(AddressSlots::new(
+                settings.limits.max_connections_per_address,
+            )),
             session_ids: AtomicU64::new(1),
             settings,
         });

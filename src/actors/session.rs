@@ -32,6 +32,7 @@ use futures_util::Stream;
 
 use super::registry::{Connect, Disconnect, Join, Leave, Members, Typing};
 use crate::error::ChatError;
+use crate::limits::{AddressSlot, TokenBucket};
 use crate::protocol::{frames, parse_client_frame, ChatMessage, ClientOp, User};
 use crate::store::NewMessage;
 use crate::AppState;
@@ -209,37 +210,6 @@ where
     }
 }
 
-/// Token bucket of one connection.
-struct RateLimit {
-    tokens: f64,
-    burst: f64,
-    per_sec: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(per_sec: f64, burst: u32) -> Self {
-        Self {
-            tokens: f64::from(burst),
-            burst: f64::from(burst),
-            per_sec,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Where a joined room stands for this session.
 enum RoomState {
     /// Joined; replay under way. Live messages wait here until the replay
@@ -267,13 +237,16 @@ pub struct WsSession {
     /// Anything from the client counts as a sign of life.
     last_heard: Instant,
     rooms: HashMap<String, RoomState>,
-    rate: RateLimit,
+    rate: TokenBucket,
     partial: Option<Partial>,
     /// Sends waiting for the store; a draining session closes at zero.
     in_flight: usize,
     /// Bytes of live messages held while rooms replay.
     held_bytes: usize,
     draining: bool,
+    /// This connection's place under the per-address cap, given back when
+    /// the session is dropped.
+    _slot: Option<AddressSlot>,
 }
 
 impl WsSession {
@@ -282,6 +255,7 @@ impl WsSession {
         app: Arc<AppState>,
         user: User,
         conn: Option<ConnHandle>,
+        slot: Option<AddressSlot>,
         req: &HttpRequest,
         stream: web::Payload,
     ) -> Result<HttpResponse, ChatError> {
@@ -301,7 +275,7 @@ impl WsSession {
             id: app.next_session_id(),
             name: ulid::Ulid::new().to_string(),
             user,
-            rate: RateLimit::new(limits.rate_per_sec, limits.rate_burst),
+            rate: TokenBucket::new(limits.rate_per_sec, limits.rate_burst, Instant::now()),
             outbox: outbox.clone(),
             last_heard: Instant::now(),
             rooms: HashMap::new(),
@@ -309,6 +283,7 @@ impl WsSession {
             in_flight: 0,
             held_bytes: 0,
             draining: false,
+            _slot: slot,
             app: app.clone(),
         };
         let codec = Codec::new().max_size(limits.max_frame_bytes);
@@ -359,7 +334,16 @@ impl WsSession {
         let limits = &self.app.settings.limits;
         let parsed = parse_client_frame(text, limits.max_text_chars);
         let is_ping = matches!(parsed, Ok(ClientOp::Ping { .. }));
-        if !is_ping && !self.rate.take(Instant::now()) {
+        // `send`, `typing` and `history` also cost a token of the user's
+        // bucket, shared by all of the user's connections to this node.
+        let per_user = matches!(
+            parsed,
+            Ok(ClientOp::Send { .. } | ClientOp::Typing { .. } | ClientOp::History { .. })
+        );
+        let now = Instant::now();
+        if !is_ping
+            && (!self.rate.take(now) || (per_user && !self.app.user_rates.take(&self.user.id, now)))
+        {
             let reference = match &parsed {
                 Ok(ClientOp::Send { cid, .. }) => Some(cid.as_str()),
                 Ok(op) => Some(op.name()),
@@ -666,6 +650,12 @@ impl Actor for WsSession {
     type Context = WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        log::debug!(
+            "Session {} opened for user {} ({}).",
+            self.id,
+            self.user.id,
+            self.user.name
+        );
         self.app.metrics.connections.fetch_add(1, Relaxed);
         let _ = self.outbox.addr.set(ctx.address().recipient());
         self.app.registry.do_send(Connect {
@@ -688,6 +678,7 @@ impl Actor for WsSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        log::debug!("Session {} closed.", self.id);
         self.outbox.uncount();
     }
 }
@@ -773,20 +764,5 @@ mod tests {
         assert_eq!(wire_len(125), 127);
         assert_eq!(wire_len(126), 130);
         assert_eq!(wire_len(70_000), 70_010);
-    }
-
-    #[test]
-    fn rate_limit_allows_a_burst_then_the_rate() {
-        let mut r = RateLimit::new(10.0, 3);
-        let t0 = r.last;
-        assert!(r.take(t0) && r.take(t0) && r.take(t0));
-        assert!(!r.take(t0));
-        assert!(!r.take(t0 + Duration::from_millis(50)));
-        assert!(r.take(t0 + Duration::from_millis(110)));
-        assert!(!r.take(t0 + Duration::from_millis(110)));
-        // Refill stops at the burst size.
-        let later = t0 + Duration::from_secs(60);
-        assert!((0..3).all(|_| r.take(later)));
-        assert!(!r.take(later));
     }
 }

@@ -99,6 +99,10 @@ pub(super) async fn post_message(
 ) -> Result<HttpResponse, ChatError> {
     let received = Instant::now();
     let user = bearer_user(&req, &app)?;
+    // The same per-user bucket as the user's WebSocket frames.
+    if !app.user_rates.take(&user.id, received) {
+        return Err(ChatError::RateLimited);
+    }
     let room = validate_room(path.into_inner())?;
     let PostBody { text, cid } = body.into_inner();
     validate_cid(&cid)?;

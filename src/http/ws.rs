@@ -32,13 +32,23 @@ pub(super) async fn upgrade(
         }
     }
     let token = query.token.as_deref().ok_or(ChatError::Unauthorized)?;
-    let user = app
-        .tokens
-        .verify(token, unix_now())
-        .map_err(|_| ChatError::Unauthorized)?;
+    // The token is a credential: only why it was refused goes to the log.
+    let user = app.tokens.verify(token, unix_now()).map_err(|e| {
+        log::debug!("WebSocket upgrade from {:?} refused: {e}.", req.peer_addr());
+        ChatError::Unauthorized
+    })?;
     if app.draining.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(ChatError::Unavailable("the node is shutting down".into()));
     }
+    // The cap on connections per client address; the slot is given back
+    // when the connection ends.
+    let slot = match req.peer_addr() {
+        Some(peer) => Some(app.address_slots.acquire(peer.ip()).ok_or_else(|| {
+            log::debug!("WebSocket upgrade from {peer} refused: too many connections.");
+            ChatError::RateLimited
+        })?),
+        None => None,
+    };
     let conn = req.conn_data::<ConnHandle>().cloned();
-    WsSession::start(app.into_inner(), user, conn, &req, stream)
+    WsSession::start(app.into_inner(), user, conn, slot, &req, stream)
 }

@@ -43,6 +43,9 @@ pub struct NodeOpts {
     pub client_timeout_secs: u64,
     pub outbound_soft_bytes: u64,
     pub outbound_hard_bytes: u64,
+    pub user_rate_per_sec: f64,
+    pub user_rate_burst: u64,
+    pub max_connections_per_address: u64,
     /// Extra environment variables for the child process.
     pub env: Vec<(String, String)>,
     /// Cluster mode: the `[redis]`, `[kafka]` and `[mongo]` sections (and
@@ -65,6 +68,10 @@ impl Default for NodeOpts {
             client_timeout_secs: 30,
             outbound_soft_bytes: 262_144,
             outbound_hard_bytes: 1_048_576,
+            // Like the per-connection limit: high, tested on its own.
+            user_rate_per_sec: 100_000.0,
+            user_rate_burst: 100_000,
+            max_connections_per_address: 1024,
             env: Vec::new(),
             cluster: None,
         }
@@ -100,6 +107,9 @@ heartbeat_interval_secs = {hb}
 client_timeout_secs = {ct}
 outbound_soft_bytes = {soft}
 outbound_hard_bytes = {hard}
+user_rate_per_sec = {user_rate:?}
+user_rate_burst = {user_burst}
+max_connections_per_address = {per_address}
 "#,
             node_id = self.node_id,
             data_dir = toml_escape(&data_dir.display().to_string()),
@@ -114,6 +124,9 @@ outbound_hard_bytes = {hard}
             ct = self.client_timeout_secs,
             soft = self.outbound_soft_bytes,
             hard = self.outbound_hard_bytes,
+            user_rate = self.user_rate_per_sec,
+            user_burst = self.user_rate_burst,
+            per_address = self.max_connections_per_address,
         );
         if let Some(c) = &self.cluster {
             text.push_str(&c.to_toml());
