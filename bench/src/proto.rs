@@ -1,0 +1,226 @@
+//! The three wire protocols (plus the raw baseline's subset of ours).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+pub type Ws = WebSocketStream<TcpStream>;
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Marker in front of the send time (µs since the epoch) in every message text.
+pub const MARK: &str = "@@T";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// ScalableChat, docs/PROTOCOL.md.
+    Ours,
+    /// The raw tokio baseline (`rawchat`): join/send/msg without auth.
+    Raw,
+    /// Socket.IO v4 (Engine.IO 4) over a plain WebSocket.
+    SocketIo,
+    /// Centrifugo's bidirectional JSON protocol.
+    Centrifugo,
+}
+
+impl Proto {
+    pub fn parse(s: &str) -> Option<Proto> {
+        match s {
+            "ours" => Some(Proto::Ours),
+            "raw" => Some(Proto::Raw),
+            "socketio" => Some(Proto::SocketIo),
+            "centrifugo" => Some(Proto::Centrifugo),
+            _ => None,
+        }
+    }
+
+    fn path(self, token: &str) -> String {
+        match self {
+            Proto::Ours => format!("/ws?token={token}"),
+            Proto::Raw => "/ws".to_string(),
+            Proto::SocketIo => "/socket.io/?EIO=4&transport=websocket".to_string(),
+            Proto::Centrifugo => "/connection/websocket".to_string(),
+        }
+    }
+
+    /// The frame that publishes `text` to `room`; `n` numbers it.
+    pub fn publish(self, room: &str, text: &str, n: u64) -> String {
+        match self {
+            Proto::Ours => {
+                format!(r#"{{"op":"send","room":"{room}","text":"{text}","cid":"c{n}"}}"#)
+            }
+            Proto::Raw => format!(r#"{{"op":"send","room":"{room}","text":"{text}"}}"#),
+            Proto::SocketIo => format!(r#"42["send","{room}","{text}"]"#),
+            Proto::Centrifugo => format!(
+                r#"{{"id":{},"publish":{{"channel":"bench:{room}","data":{{"text":"{text}"}}}}}}"#,
+                n + 10
+            ),
+        }
+    }
+
+    /// The answer a client owes to a server heartbeat frame, if `frame` is one.
+    pub fn heartbeat_reply(self, frame: &str) -> Option<&'static str> {
+        match self {
+            Proto::SocketIo if frame == "2" => Some("3"),
+            Proto::Centrifugo if frame == "{}" => Some("{}"),
+            _ => None,
+        }
+    }
+
+    /// Whether a frame tells that a publish was accepted (ours: `ack`).
+    pub fn is_ack(self, frame: &str) -> bool {
+        match self {
+            Proto::Ours => frame.starts_with(r#"{"op":"ack""#),
+            Proto::Centrifugo => frame.contains(r#""publish":{}"#),
+            _ => false,
+        }
+    }
+
+    /// Whether a frame reports a refusal.
+    pub fn is_error(self, frame: &str) -> bool {
+        match self {
+            Proto::Ours | Proto::Raw => frame.starts_with(r#"{"op":"error""#),
+            Proto::Centrifugo => frame.contains(r#""error":{"#),
+            Proto::SocketIo => frame.starts_with("44"),
+        }
+    }
+}
+
+/// One target server: its address and protocol.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub proto: Proto,
+    pub addr: SocketAddr,
+}
+
+/// The source address of client `i`: 127.0.0.2 ..= 127.0.0.250.
+pub fn source_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (i % 249) as u8)
+}
+
+async fn tcp(ip: Ipv4Addr, addr: SocketAddr) -> Result<TcpStream, Error> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(ip.into(), 0))?;
+    let stream = sock.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A small HTTP/1.1 exchange; returns the response body.
+pub async fn http(
+    ip: Ipv4Addr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<String, Error> {
+    let mut s = tcp(ip, addr).await?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(format!("{method} {path}: {}", text.lines().next().unwrap_or("")).into());
+    }
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+async fn guest_token(ip: Ipv4Addr, addr: SocketAddr, name: &str) -> Result<String, Error> {
+    let body = http(
+        ip,
+        addr,
+        "POST",
+        "/api/v1/auth/guest",
+        &format!(r#"{{"name":"{name}"}}"#),
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    v["token"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| "no token in the guest answer".into())
+}
+
+/// Reads text frames until one satisfies `done`, answering heartbeats.
+async fn until(ws: &mut Ws, proto: Proto, done: impl Fn(&str) -> bool) -> Result<String, Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let next = tokio::time::timeout_at(deadline, ws.next()).await?;
+        match next {
+            Some(Ok(Message::Text(t))) => {
+                if let Some(r) = proto.heartbeat_reply(&t) {
+                    ws.send(Message::text(r)).await?;
+                } else if done(&t) {
+                    return Ok(t);
+                } else if proto.is_error(&t) {
+                    return Err(format!("refused: {t}").into());
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("closed during the handshake".into()),
+        }
+    }
+}
+
+/// Opens client `i` and joins it to `room` (when given).
+pub async fn open(t: &Target, i: usize, room: Option<&str>) -> Result<Ws, Error> {
+    let ip = source_ip(i);
+    let token = match t.proto {
+        Proto::Ours => guest_token(ip, t.addr, &format!("b{i}")).await?,
+        _ => String::new(),
+    };
+    let stream = tcp(ip, t.addr).await?;
+    let url = format!("ws://{}{}", t.addr, t.proto.path(&token));
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    let p = t.proto;
+    match p {
+        Proto::Ours => {
+            until(&mut ws, p, |f| f.starts_with(r#"{"op":"welcome""#)).await?;
+        }
+        Proto::Raw => {}
+        Proto::SocketIo => {
+            until(&mut ws, p, |f| f.starts_with("0{")).await?;
+            ws.send(Message::text("40")).await?;
+            until(&mut ws, p, |f| f.starts_with("40")).await?;
+        }
+        Proto::Centrifugo => {
+            ws.send(Message::text(r#"{"id":1,"connect":{"name":"chatbench"}}"#))
+                .await?;
+            until(&mut ws, p, |f| f.contains(r#""id":1"#)).await?;
+        }
+    }
+    if let Some(room) = room {
+        match p {
+            Proto::Ours | Proto::Raw => {
+                ws.send(Message::text(format!(r#"{{"op":"join","room":"{room}"}}"#)))
+                    .await?;
+                until(&mut ws, p, |f| f.starts_with(r#"{"op":"joined""#)).await?;
+            }
+            Proto::SocketIo => {
+                ws.send(Message::text(format!(r#"421["join","{room}"]"#)))
+                    .await?;
+                until(&mut ws, p, |f| f.starts_with("431")).await?;
+            }
+            Proto::Centrifugo => {
+                ws.send(Message::text(format!(
+                    r#"{{"id":2,"subscribe":{{"channel":"bench:{room}"}}}}"#
+                )))
+                .await?;
+                until(&mut ws, p, |f| f.contains(r#""id":2"#)).await?;
+            }
+        }
+    }
+    Ok(ws)
+}
