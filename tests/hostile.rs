@@ -465,3 +465,78 @@ async fn control_characters_are_refused_over_rest() {
         .unwrap();
     assert_eq!(page["messages"].as_array().unwrap().len(), 0, "{page}");
 }
+
+// ---------------------------------------------------------------- injection
+
+#[tokio::test]
+async fn room_names_that_could_shape_a_key_or_a_query_are_refused() {
+    let node = Node::start_default().await;
+    let (mut a, _, token) = node.user("ann").await;
+    // Redis key syntax (hash tags, separators, globs), MongoDB operators,
+    // paths, case, spaces, and too long.
+    let long = "a".repeat(65);
+    let names = [
+        "{lobby}",
+        "lobby}:seq",
+        "chat:rooms",
+        "lob*",
+        "lobby?",
+        "[ab]",
+        "$gt",
+        "a.b",
+        "Lobby",
+        "a b",
+        "é",
+        long.as_str(),
+    ];
+    for room in names {
+        let e = a
+            .expect_error(Message::Text(
+                json!({"op": "join", "room": room}).to_string(),
+            ))
+            .await;
+        assert_eq!(e["code"], "bad_request", "join {room:?}: {e}");
+        let e = a
+            .expect_error(Message::Text(
+                json!({"op": "send", "room": room, "text": "x", "cid": "c"}).to_string(),
+            ))
+            .await;
+        assert_eq!(e["code"], "bad_request", "send {room:?}: {e}");
+        let path: String = room
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let resp = node
+            .http()
+            .get(node.url(&format!("/api/v1/rooms/{path}/messages")))
+            .send()
+            .await
+            .unwrap();
+        assert_http_error(resp, 400, "bad_request", &format!("GET {room:?}")).await;
+        let resp = post(&node, &token, &path, &json!({"text": "x", "cid": "c"})).await;
+        assert_http_error(resp, 400, "bad_request", &format!("POST {room:?}")).await;
+    }
+    // A JSON object where a room name belongs is not a query either.
+    let e = a
+        .expect_error(Message::Text(
+            json!({"op": "join", "room": {"$ne": ""}}).to_string(),
+        ))
+        .await;
+    assert_eq!(e["code"], "bad_request", "{e}");
+    let rooms: Value = node
+        .http()
+        .get(node.url("/api/v1/rooms"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rooms["rooms"], json!([]), "{rooms}");
+}
