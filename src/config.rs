@@ -575,6 +575,26 @@ mod tests {
     }
 
     #[test]
+    fn per_user_and_per_address_limits_must_be_positive() {
+        for (key, value) in [
+            ("user_rate_per_sec", "0.0"),
+            ("user_rate_per_sec", "nan"),
+            ("user_rate_per_sec", "-1.0"),
+            ("user_rate_burst", "0"),
+            ("max_connections_per_address", "0"),
+        ] {
+            let e = Settings::parse(
+                &format!("{MINIMAL}[limits]\n{key} = {value}\n"),
+                "t",
+                Vec::new(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(&format!("limits.{key}")), "{key} = {value}: {e}");
+        }
+    }
+
+    #[test]
     fn half_configured_cluster_names_the_missing_section() {
         let text = format!(
             "{MINIMAL}[redis]\nurl = \"redis://127.0.0.1\"\n[kafka]\nbrokers = \"b\"\ntopic = \"t\"\n"
