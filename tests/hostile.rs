@@ -425,9 +425,21 @@ async fn fragmented_2_mib_messages_are_refused_with_1009_in_bounded_memory() {
 // ---------------------------------------------------------------- control characters
 
 #[tokio::test]
-async fn control_characters_are_refused_over_rest() {
+async fn control_characters_are_refused_in_cids_and_over_rest() {
     let node = Node::start_default().await;
-    let (token, _) = node.guest("ann").await;
+    let (mut a, _, token) = node.user("ann").await;
+    a.join("lobby").await;
+    // Over WebSocket, in a cid (the text cases are in tests/protocol.rs):
+    // refused, and the ref is the op since the cid is unusable.
+    for cid in ["k\u{0}", "k\n", "\u{1b}k", "k\u{7f}", "k\u{9b}"] {
+        let e = a
+            .expect_error(Message::Text(
+                json!({"op": "send", "room": "lobby", "text": "ok", "cid": cid}).to_string(),
+            ))
+            .await;
+        assert_eq!(e["code"], "bad_request", "cid {cid:?}: {e}");
+        assert_eq!(e["ref"], "send", "cid {cid:?}: {e}");
+    }
     for (what, body) in [
         ("NUL in text", json!({"text": "a\u{0}b", "cid": "k1"})),
         ("ESC in text", json!({"text": "\u{1b}[2J", "cid": "k2"})),
