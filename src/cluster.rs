@@ -20,6 +20,8 @@ use crate::StartError;
 /// The connected services of a cluster node.
 pub(crate) struct ClusterParts {
     pub store: ClusterStore,
+    /// The persist workers, on nodes with the persist role.
+    pub persist: Option<Addr<PersistSupervisor>>,
     client: redis::Client,
     redis: ConnectionManager,
     metrics: Arc<Metrics>,
@@ -51,7 +53,7 @@ pub(crate) async fn connect(
             .await
             .map_err(service("mongo"))?,
     );
-    if settings.node.roles.contains(&Role::Persist) {
+    let persist = settings.node.roles.contains(&Role::Persist).then(|| {
         PersistSupervisor::new(
             c.clone(),
             mongo.clone(),
@@ -59,8 +61,8 @@ pub(crate) async fn connect(
             metrics.clone(),
             c.kafka.persist_workers,
         )
-        .start();
-    }
+        .start()
+    });
     let store = ClusterStore::new(
         redis.clone(),
         sink,
@@ -70,6 +72,7 @@ pub(crate) async fn connect(
     );
     Ok(ClusterParts {
         store,
+        persist,
         client,
         redis,
         metrics,

@@ -25,6 +25,7 @@ use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, App, HttpServer};
 
+use actors::persist::{PersistSupervisor, Stop as PersistStop};
 use actors::registry::{Drain, Publish, RoomRegistry};
 use actors::scheduler::Scheduler;
 use actors::session::ConnHandle;
@@ -84,6 +85,8 @@ pub struct Node {
     app: Arc<AppState>,
     server: Server,
     handle: ServerHandle,
+    /// Stopped when draining, so its partitions move to other nodes at once.
+    persist: Option<Addr<PersistSupervisor>>,
 }
 
 impl Node {
@@ -114,6 +117,7 @@ impl Node {
             store.clone(),
             metrics.clone(),
         ));
+        let persist = cluster.as_ref().and_then(|parts| parts.persist.clone());
         let bridge = cluster.map(|parts| parts.start_bridge(&settings, registry.clone()));
         Scheduler::new(&settings, metrics.clone(), registry.clone(), bridge).start();
         let app = Arc::new(AppState {
@@ -174,6 +178,7 @@ impl Node {
             app,
             server,
             handle,
+            persist,
         })
     }
 
@@ -183,6 +188,7 @@ impl Node {
             app,
             server,
             handle,
+            persist,
             ..
         } = self;
         let mut server = actix_web::rt::spawn(server);
@@ -197,6 +203,10 @@ impl Node {
             () = shutdown_signal() => {}
         }
         drain(&app, &handle).await;
+        if let Some(persist) = persist {
+            // Leave the consumer group now rather than at its timeout.
+            let _ = tokio::time::timeout(Duration::from_secs(5), persist.send(PersistStop)).await;
+        }
         let _ = server.await;
         Ok(())
     }
