@@ -49,6 +49,12 @@ services-up:
 services-down:
 	scripts/services down
 
+## test-faults: fault injection against the real services, one scenario at a time (see docs/RELIABILITY.md):
+## Kafka, FerretDB and Redis stopped under load, nodes killed or drained, a client that never reads
+.PHONY: test-faults
+test-faults:
+	scripts/with-services $(CARGO) test --test faults -- --include-ignored --test-threads=1 --nocapture
+
 ## cluster / cluster-down: the services and three nodes on 127.0.0.1:8081-8083
 cluster: frontend
 	scripts/cluster up
