@@ -8,9 +8,11 @@
 //! document, and every connection's view of a room in `seq` order.
 //!
 //! The scenarios stop and start the shared services with `scripts/services`
-//! (or kill nodes for a long time), so they are `#[ignore]`d and run one at a
-//! time by `make test-faults`
-//! (`cargo test --test faults -- --ignored --test-threads=1`). They read the
+//! (or take long, or compare timings), so they are `#[ignore]`d and run one
+//! at a time by `make test-faults`
+//! (`cargo test --test faults -- --include-ignored --test-threads=1`), which
+//! starts the services first. Only the SIGTERM drain (a few seconds, no
+//! service stopped) runs in the normal `cargo test`. They read the
 //! service ports from REDIS_PORT, KAFKA_PORT, KAFKA_CONTROLLER_PORT and
 //! MONGO_PORT, like `scripts/services`, and pass them on to it. Each prints
 //! one `FAULTS` line with its figures (run with `--nocapture` to see it).
@@ -68,10 +70,22 @@ async fn services(args: &[&str]) -> Duration {
     started.elapsed()
 }
 
-/// Makes sure every service answers (for a scenario that follows one that
-/// failed half-way with a service stopped).
+/// Makes sure every service answers, starting them when one does not (for a
+/// scenario that follows one that failed half-way with a service stopped).
 async fn services_up() {
-    services(&["up"]).await;
+    let all_answer = tokio::task::spawn_blocking(|| {
+        Command::new("timeout")
+            .arg("60")
+            .arg(services_script())
+            .arg("status")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .await
+    .unwrap();
+    if !all_answer {
+        services(&["up"]).await;
+    }
     Services::local().require().await;
 }
 
@@ -101,7 +115,7 @@ struct Faulty {
 impl Faulty {
     /// Starts one node per entry of `roles` (all at once).
     async fn start(what: &str, roles: &[&[&str]], env: &[(&str, &str)]) -> Faulty {
-        services_up().await;
+        Services::local().require().await;
         let opts = ClusterOpts::isolated();
         let tag = unique_tag();
         let starts = roles.iter().enumerate().map(|(i, r)| {
@@ -823,6 +837,7 @@ fn assert_clean(scenario: &str, t: &Totals, s: &Stored, extra: &str) {
 #[tokio::test]
 #[ignore = "stops Kafka for 30 s: make test-faults"]
 async fn kafka_stopped_30s_every_send_acked_or_unavailable_then_stored_once() {
+    services_up().await;
     let f = Faulty::start(
         "kafka-out",
         &[&["persist", "sweep"], &["persist", "sweep"]],
@@ -886,6 +901,7 @@ async fn kafka_stopped_30s_every_send_acked_or_unavailable_then_stored_once() {
 #[tokio::test]
 #[ignore = "stops FerretDB for 30 s: make test-faults"]
 async fn mongo_stopped_30s_acks_continue_and_backlog_drains() {
+    services_up().await;
     let f = Faulty::start(
         "mongo-out",
         &[&["persist", "sweep"], &["persist", "sweep"]],
@@ -1111,6 +1127,7 @@ async fn redis_restart(empty: bool) {
 #[tokio::test]
 #[ignore = "restarts Redis: make test-faults"]
 async fn redis_restarted_nodes_resubscribe_and_clients_backfill() {
+    services_up().await;
     redis_restart(false).await;
 }
 
@@ -1118,6 +1135,7 @@ async fn redis_restarted_nodes_resubscribe_and_clients_backfill() {
 #[tokio::test]
 #[ignore = "restarts Redis without its data: make test-faults"]
 async fn redis_restarted_empty_seq_never_goes_back() {
+    services_up().await;
     redis_restart(true).await;
 }
 
@@ -1129,6 +1147,7 @@ async fn redis_restarted_empty_seq_never_goes_back() {
 #[tokio::test]
 #[ignore = "long: make test-faults"]
 async fn persist_nodes_killed_repeatedly_exactly_10000_documents() {
+    services_up().await;
     let mut f = Faulty::start(
         "persist-kill",
         &[&["sweep"], &["persist"], &["persist"]],
@@ -1188,6 +1207,7 @@ async fn persist_nodes_killed_repeatedly_exactly_10000_documents() {
 #[tokio::test]
 #[ignore = "kills a node: make test-faults"]
 async fn node_killed_mid_burst_acked_stored_clients_resume() {
+    services_up().await;
     let mut f = Faulty::start(
         "kill9",
         &[&["persist", "sweep"], &["persist", "sweep"]],
@@ -1236,7 +1256,6 @@ async fn node_killed_mid_burst_acked_stored_clients_resume() {
 /// `unavailable`) before its connection closes, and the node exits 0 within
 /// 30 s.
 #[tokio::test]
-#[ignore = "drains a node under load: make test-faults"]
 async fn sigterm_under_load_drains_and_exits_0() {
     let mut f = Faulty::start(
         "drain",
@@ -1367,6 +1386,7 @@ async fn slow_reader_run(f: &Faulty, with_slow: bool, tag: &str) -> (Totals, u64
 #[tokio::test]
 #[ignore = "timing comparison: make test-faults"]
 async fn slow_reader_cut_off_memory_bounded_others_unaffected() {
+    services_up().await;
     let f = Faulty::start("slow", &[&["persist", "sweep"]], &[]).await;
     let pid = f.nodes[0].pid();
     let rss_start = rss_kib(pid);
