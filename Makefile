@@ -4,7 +4,7 @@ CARGO ?= cargo
 NPM ?= npm
 CONFIG ?= config/default.toml
 
-.PHONY: run test test-all lint unit-test frontend frontend-test e2e services-up services-down cluster cluster-down clean
+.PHONY: run test test-all lint unit-test frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick
 
 ## run: build the web client and a release binary, start a standalone node on 127.0.0.1:8080
 run: frontend
@@ -61,6 +61,13 @@ cluster: frontend
 
 cluster-down:
 	scripts/cluster down
+
+## bench / bench-quick: ours against Socket.IO, Centrifugo and a raw tokio server (BENCHMARKS.md)
+bench:
+	bench/run full
+
+bench-quick:
+	bench/run quick
 
 clean:
 	$(CARGO) clean

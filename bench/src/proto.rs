@@ -154,7 +154,7 @@ async fn guest_token(ip: Ipv4Addr, addr: SocketAddr, name: &str) -> Result<Strin
 
 /// Reads text frames until one satisfies `done`, answering heartbeats.
 async fn until(ws: &mut Ws, proto: Proto, done: impl Fn(&str) -> bool) -> Result<String, Error> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let next = tokio::time::timeout_at(deadline, ws.next()).await?;
         match next {
