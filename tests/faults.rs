@@ -358,8 +358,10 @@ struct Outcome {
     latencies_ms: Vec<f64>,
     /// Acks that came after a reconnect or a retry.
     retried_acks: usize,
-    /// When each ack arrived.
-    ack_times: Vec<Instant>,
+    /// When each ack arrived, with its seq.
+    ack_times: Vec<(Instant, u64)>,
+    /// The longest wait for an answer (ack or `unavailable`) to one attempt.
+    slowest_answer: Duration,
     /// How many `msg` frames of each connection were its join replay.
     replayed: Vec<usize>,
 }
@@ -564,7 +566,8 @@ async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Clie
                     }
                     Some("ack") if v["room"] == plan.room => {
                         let cid = v["cid"].as_str().unwrap().to_string();
-                        let got = (v["seq"].as_u64().unwrap(), v["id"].as_str().unwrap().into());
+                        let got_seq = v["seq"].as_u64().unwrap();
+                        let got = (got_seq, v["id"].as_str().unwrap().into());
                         if let Some(prev) = out.acked.get(&cid) {
                             if *prev != got {
                                 out.errors
@@ -572,6 +575,7 @@ async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Clie
                             }
                         }
                         if let Some((at, first)) = in_flight.remove(&cid) {
+                            out.slowest_answer = out.slowest_answer.max(at.elapsed());
                             if first && connections == 1 {
                                 out.latencies_ms.push(at.elapsed().as_secs_f64() * 1000.0);
                             } else {
@@ -579,11 +583,13 @@ async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Clie
                             }
                         }
                         out.acked.insert(cid, got);
-                        out.ack_times.push(Instant::now());
+                        out.ack_times.push((Instant::now(), got_seq));
                     }
                     Some("error") => {
                         let r = v["ref"].as_str().unwrap_or_default().to_string();
-                        if v["code"] == "unavailable" && in_flight.remove(&r).is_some() {
+                        let attempt = in_flight.remove(&r);
+                        if let (true, Some((at, _))) = (v["code"] == "unavailable", attempt) {
+                            out.slowest_answer = out.slowest_answer.max(at.elapsed());
                             out.unavailable += 1;
                             out.unavailable_cids.insert(r.clone());
                             match plan.retry_after {
@@ -594,7 +600,6 @@ async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Clie
                             }
                         } else {
                             out.errors.push(v.to_string());
-                            in_flight.remove(&r);
                         }
                     }
                     _ => {}
@@ -701,6 +706,7 @@ struct Totals {
     acked_map: BTreeMap<String, (u64, String)>,
     p50_ms: f64,
     p99_ms: f64,
+    slowest_answer: Duration,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -725,6 +731,7 @@ fn totals(results: &[(Outcome, Option<Client>)], sends: usize) -> Totals {
         t.unanswered += o.unanswered.len();
         t.gave_up += o.gave_up.len();
         t.reconnects += o.reconnects;
+        t.slowest_answer = t.slowest_answer.max(o.slowest_answer);
         t.errors.extend(o.errors.iter().cloned());
         t.order.extend(o.order_violations());
         t.acked_map.extend(o.acked.clone());
@@ -741,8 +748,20 @@ fn acks_between(results: &[(Outcome, Option<Client>)], from: Instant, to: Instan
     results
         .iter()
         .flat_map(|(o, _)| &o.ack_times)
-        .filter(|t| **t >= from && **t <= to)
+        .filter(|(t, _)| *t >= from && *t <= to)
         .count()
+}
+
+/// The seqs of the acks that arrived before `at`, and of those after it.
+fn acked_seqs_around(results: &[(Outcome, Option<Client>)], at: Instant) -> (Vec<u64>, Vec<u64>) {
+    let all = results.iter().flat_map(|(o, _)| &o.ack_times);
+    let before = all
+        .clone()
+        .filter(|(t, _)| *t < at)
+        .map(|(_, s)| *s)
+        .collect();
+    let after = all.filter(|(t, _)| *t >= at).map(|(_, s)| *s).collect();
+    (before, after)
 }
 
 /// Two acks with the same seq (a seq given twice).
@@ -789,7 +808,7 @@ fn assert_clean(scenario: &str, t: &Totals, s: &Stored, extra: &str) {
     eprintln!(
         "FAULTS {scenario}: sends {} acked {} unavailable-answers {} (cids {}) refused {} \
          unanswered {} gave-up {} reconnects {} stored {} lost {} duplicates {} \
-         drained-in {:.1}s ack-p50 {:.1}ms ack-p99 {:.1}ms {extra}",
+         drained-in {:.1}s ack-p50 {:.1}ms ack-p99 {:.1}ms slowest-answer {:.1}s {extra}",
         t.sends,
         t.acked,
         t.unavailable,
@@ -804,6 +823,7 @@ fn assert_clean(scenario: &str, t: &Totals, s: &Stored, extra: &str) {
         s.drained_in.as_secs_f64(),
         t.p50_ms,
         t.p99_ms,
+        t.slowest_answer.as_secs_f64(),
     );
     assert!(
         t.errors.is_empty(),
@@ -885,6 +905,11 @@ async fn kafka_stopped_30s_every_send_acked_or_unavailable_then_stored_once() {
         "no send was answered unavailable while Kafka was down"
     );
     assert_eq!(t.gave_up, 0, "sends with neither ack nor unavailable");
+    assert!(
+        t.slowest_answer <= Duration::from_secs(15),
+        "a send waited {:?} for its answer (kafka.message_timeout_ms is 10 s)",
+        t.slowest_answer
+    );
     assert_eq!(t.acked, 1000, "every cid acked after retries");
     assert_eq!(s.docs, 1000, "MongoDB holds each message once");
     assert!(
@@ -1042,16 +1067,24 @@ async fn redis_restart(empty: bool) {
     let load = drive_all(plans, &ports);
     let fault = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
+        let stopping = Instant::now();
         services(&["stop", "redis"]).await;
         if empty {
             wipe_redis_data();
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         services(&["start", "redis"]).await;
+        let started = Instant::now();
         // Cross-node delivery comes back: a probe from node a reaches node b.
-        cross_node_delivery(&mut pa, &mut pb, &f.room, what, Duration::from_secs(30)).await
+        let back =
+            cross_node_delivery(&mut pa, &mut pb, &f.room, what, Duration::from_secs(30)).await;
+        (back, stopping, started)
     };
-    let (mut results, resumed) = tokio::join!(load, fault);
+    let (mut results, (resumed, stopping, started)) = tokio::join!(load, fault);
+    let (before, _) = acked_seqs_around(&results, stopping);
+    let (_, after) = acked_seqs_around(&results, started + Duration::from_secs(1));
+    let max_before = before.iter().max().copied().unwrap_or(0);
+    let min_after = after.iter().min().copied().unwrap_or(u64::MAX);
     let reconnects = f.nodes[1]
         .metric("scalable_chat_redis_reconnects_total", &[])
         .await
@@ -1093,6 +1126,7 @@ async fn redis_restart(empty: bool) {
         &s,
         &format!(
             "cross-node-delivery-back-in {:?} redis-reconnects(node b) {reconnects} \
+             max-seq-acked-before-stop {max_before} min-seq-acked-1s-after-start {min_after} \
              history {} holes {} live-missing {:?} join-since-{:?}-holes {resume_holes:?}",
             resumed.map(|d| format!("{:.2}s", d.as_secs_f64())),
             history.len(),
@@ -1110,6 +1144,12 @@ async fn redis_restart(empty: bool) {
         "cross-node delivery came back only after {resumed:?}"
     );
     assert_eq!(t.acked, 2000, "every cid acked after retries");
+    // (With the data kept, a retry of a cid Redis took just before it
+    // stopped rightly gets its earlier seq; emptied, Redis forgets it.)
+    assert!(
+        !empty || min_after > max_before,
+        "seq went back: acked up to {max_before} before Redis stopped, {min_after} after"
+    );
     assert!(holes.is_empty(), "history lacks acked seqs: {holes:?}");
     assert_strictly_increasing(&history, "history");
     assert!(
