@@ -2,6 +2,7 @@
 //! the actors that use them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use redis::aio::ConnectionManager;
@@ -40,7 +41,14 @@ pub(crate) async fn connect(
     let client = redis::Client::open(c.redis.url.as_str())
         .map_err(|e| ChatError::Unavailable(e.to_string()))
         .map_err(service("redis"))?;
-    let redis = ConnectionManager::new(client.clone())
+    // Short timeouts and retries: while Redis is down a send should get
+    // `unavailable` within seconds, not wait out a long reconnect.
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let redis = ConnectionManager::new_with_config(client.clone(), config)
         .await
         .map_err(|e| ChatError::Unavailable(e.to_string()))
         .map_err(service("redis"))?;

@@ -27,7 +27,7 @@ use crate::store::keys;
 
 /// First and longest wait between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What travels on a room's channel.
 #[derive(Debug, Serialize, Deserialize)]

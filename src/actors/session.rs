@@ -214,10 +214,10 @@ where
 enum RoomState {
     /// Joined; replay under way. Live messages wait here until the replay
     /// has been written, then those not replayed follow it.
-    Replaying {
-        held: Vec<(u64, ByteString)>,
-    },
-    Live,
+    Replaying { held: Vec<(u64, ByteString)> },
+    /// Live, with the highest seq written: a live frame at or below it was
+    /// already sent by the replay (the store can be ahead of the relay).
+    Live { last: u64 },
 }
 
 /// A message split in continuation frames, being put together.
@@ -451,7 +451,7 @@ impl WsSession {
         match self.rooms.get_mut(&room) {
             Some(state) => {
                 // Joined already: replay again if asked, then `joined`.
-                if matches!(state, RoomState::Live) {
+                if matches!(state, RoomState::Live { .. }) {
                     *state = RoomState::Replaying { held: Vec::new() };
                 }
                 let members = self.app.registry.send(Members { room: room.clone() });
@@ -559,9 +559,9 @@ impl WsSession {
         let Some(state) = self.rooms.get_mut(room) else {
             return; // left meanwhile
         };
-        let held = match std::mem::replace(state, RoomState::Live) {
+        let held = match std::mem::replace(state, RoomState::Live { last: replayed_to }) {
             RoomState::Replaying { held } => held,
-            RoomState::Live => Vec::new(),
+            RoomState::Live { .. } => Vec::new(),
         };
         self.held_bytes = 0;
         let members = if members.is_empty() {
@@ -570,11 +570,16 @@ impl WsSession {
             members.to_vec()
         };
         self.emit(ctx, frames::joined(room, last_seq, &members));
+        let mut last = replayed_to;
         for (seq, frame) in held {
-            if seq > replayed_to {
+            if seq > last {
+                last = seq;
                 self.outbox.account(wire_len(frame.len()));
                 ctx.text(frame);
             }
+        }
+        if let Some(state) = self.rooms.get_mut(room) {
+            *state = RoomState::Live { last };
         }
     }
 
@@ -708,7 +713,12 @@ impl Handler<Outbound> for WsSession {
                     }
                     return;
                 }
-                Some(RoomState::Live) => {}
+                Some(RoomState::Live { last }) => {
+                    if *seq <= *last {
+                        return self.outbox.release(size);
+                    }
+                    *last = *seq;
+                }
                 None => return self.outbox.release(size),
             }
         }

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Addr;
 use futures_util::future::BoxFuture;
@@ -81,6 +82,9 @@ end
 return 1
 ";
 
+/// How long a message that could not be cached and published keeps trying.
+const DELIVER_RETRY_WINDOW: Duration = Duration::from_secs(120);
+
 /// Seqs below MongoDB's watermark that the cache still keeps (see DELIVER).
 const TRIM_MARGIN: u64 = 100;
 
@@ -135,7 +139,7 @@ impl ClusterStore {
 
 impl Inner {
     /// Steps (1) to (3) of an append.
-    async fn append(&self, msg: NewMessage) -> Result<Accepted, ChatError> {
+    async fn append(self: Arc<Self>, msg: NewMessage) -> Result<Accepted, ChatError> {
         let mut conn = self.redis.clone();
         let field = format!("{}:{}", msg.user.id, msg.cid);
         let id = ulid::Ulid::new().to_string();
@@ -199,18 +203,43 @@ impl Inner {
             .await
             .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))??;
         if let Err(e) = self.deliver(&message).await {
-            // Durable already, so it is acked; other nodes backfill it when
-            // the relay is back, and MongoDB will hold it.
+            // Durable already, so it is acked. Caching and publishing are
+            // retried until Redis is back, so history reads from the cache
+            // and the rooms' backfill find it.
             log::warn!(
-                "Message {} of {} is durable but was not relayed: {e:?}.",
+                "Message {} of {} is durable but was not relayed: {e:?}; retrying.",
                 message.seq,
                 message.room
             );
+            let retry = self.clone();
+            let late = message.clone();
+            actix::spawn(async move { retry.deliver_until_done(late).await });
         }
         Ok(Accepted {
             message,
             duplicate: status == 0,
         })
+    }
+
+    /// Step (3) again, with backoff, until it works or the retry window
+    /// ends (then MongoDB, which holds the message from the log, answers
+    /// history for it).
+    async fn deliver_until_done(&self, message: ChatMessage) {
+        let mut backoff = Duration::from_millis(200);
+        let started = std::time::Instant::now();
+        while started.elapsed() < DELIVER_RETRY_WINDOW {
+            tokio::time::sleep(backoff).await;
+            if self.deliver(&message).await.is_ok() {
+                log::info!("Message {} of {} relayed late.", message.seq, message.room);
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        log::warn!(
+            "Message {} of {} was never relayed; it is stored from the log.",
+            message.seq,
+            message.room
+        );
     }
 
     /// Step (3): cache and publish.
@@ -356,8 +385,11 @@ impl Inner {
             .cached(room, from, u64::MAX >> 11, limit, false)
             .await?;
         // The cache is a suffix of the room's history: when it starts at or
-        // below `from`, it alone answers.
-        if self.cache_min(room).await?.is_some_and(|low| low <= from) {
+        // below `from` and has no gap, it alone answers. A gap is a seq that
+        // failed, or one not cached yet: MongoDB may hold it.
+        let contiguous = cached.windows(2).all(|w| w[1].seq == w[0].seq + 1)
+            && cached.first().is_none_or(|m| m.seq == from);
+        if contiguous && self.cache_min(room).await?.is_some_and(|low| low <= from) {
             return Ok(cached);
         }
         let stored = self.mongo.after(room, since, limit).await?;
