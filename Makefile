@@ -4,7 +4,7 @@ CARGO ?= cargo
 NPM ?= npm
 CONFIG ?= config/default.toml
 
-.PHONY: run test test-all lint unit-test frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick
+.PHONY: run test test-all lint unit-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick
 
 ## run: build the web client and a release binary, start a standalone node on 127.0.0.1:8080
 run: frontend
@@ -15,7 +15,7 @@ run: frontend
 test: lint
 	scripts/with-services $(MAKE) test-all
 
-test-all: unit-test frontend-test e2e
+test-all: unit-test frontend-test e2e fuzz-quick
 
 ## lint: formatting and clippy with warnings as errors
 lint:
@@ -25,6 +25,16 @@ lint:
 ## unit-test: Rust unit and integration tests (they start real nodes; cluster tests need the services)
 unit-test:
 	$(CARGO) test
+
+## fuzz-quick / fuzz-long: every cargo-fuzz target in fuzz/ for FUZZ_SECS / FUZZ_LONG_SECS seconds
+## (nightly toolchain; cargo-fuzz is installed when missing)
+FUZZ_SECS ?= 30
+FUZZ_LONG_SECS ?= 600
+fuzz-quick:
+	scripts/fuzz $(FUZZ_SECS)
+
+fuzz-long:
+	scripts/fuzz $(FUZZ_LONG_SECS)
 
 frontend/node_modules/.package-lock.json: frontend/package-lock.json
 	cd frontend && $(NPM) ci --no-audit --no-fund
