@@ -63,18 +63,7 @@ impl KafkaSink {
         settings: &KafkaSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ChatError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &settings.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", settings.linger_ms.to_string())
-            .set(
-                "message.timeout.ms",
-                settings.message_timeout_ms.to_string(),
-            )
-            .set("client.id", "scalable-chat")
-            .create()
-            .map_err(|e| ChatError::Unavailable(format!("kafka producer: {e}")))?;
+        let producer = new_producer(settings)?;
         ensure_topic(settings).await?;
         Ok(Self {
             producer,
@@ -83,6 +72,22 @@ impl KafkaSink {
             metrics,
         })
     }
+}
+
+/// An idempotent producer (acks=all) with the configured batching.
+fn new_producer(settings: &KafkaSettings) -> Result<FutureProducer, ChatError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", settings.linger_ms.to_string())
+        .set(
+            "message.timeout.ms",
+            settings.message_timeout_ms.to_string(),
+        )
+        .set("client.id", "scalable-chat")
+        .create()
+        .map_err(|e| ChatError::Unavailable(format!("kafka producer: {e}")))
 }
 
 /// Creates the topic with the configured partitions unless it exists.
@@ -126,6 +131,15 @@ impl Handler<Produce> for KafkaSink {
     type Result = ResponseFuture<Result<(), ChatError>>;
 
     fn handle(&mut self, msg: Produce, _: &mut Context<Self>) -> Self::Result {
+        // An idempotent producer that hit a fatal error (its sequence state
+        // broken by an outage) refuses everything from then on: replace it.
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            log::error!("Kafka producer failed for good ({code}: {reason}); starting a new one.");
+            match new_producer(&self.settings) {
+                Ok(p) => self.producer = p,
+                Err(e) => return Box::pin(async move { Err(e) }),
+            }
+        }
         let payload = match serde_json::to_vec(&msg.message) {
             Ok(p) => p,
             Err(e) => return Box::pin(async move { Err(ChatError::Internal(e.to_string())) }),
