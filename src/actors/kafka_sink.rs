@@ -235,12 +235,15 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
 
     /// Longest time the scan may take; past it the seed is refused.
     const SCAN_LIMIT: Duration = Duration::from_secs(20);
+    /// Attempts at reading the group's committed offsets.
+    const COORDINATOR_TRIES: usize = 15;
     let fail = |e: rdkafka::error::KafkaError| ChatError::Unavailable(format!("kafka: {e}"));
     let consumer: BaseConsumer<ScanContext> = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
         .create_with_context(ScanContext)
         .map_err(fail)?;
     let metadata = consumer
@@ -255,21 +258,35 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
     for p in &partitions {
         wanted.add_partition(&settings.topic, *p);
     }
-    let committed = consumer
-        .committed_offsets(wanted, METADATA_TIMEOUT)
-        .map_err(fail)?;
+    // The group coordinator may still be loading (a broker just started):
+    // ask again for a few seconds, then scan from the start of each
+    // partition, which reads more but misses nothing.
+    let mut committed = None;
+    for _ in 0..COORDINATOR_TRIES {
+        match consumer.committed_offsets(wanted.clone(), METADATA_TIMEOUT) {
+            Ok(c) => {
+                committed = Some(c);
+                break;
+            }
+            Err(e) => {
+                log::debug!("Committed offsets not available yet: {e}.");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+    let committed = committed.unwrap_or_else(TopicPartitionList::new);
     let mut assignment = TopicPartitionList::new();
     let mut pending = 0usize;
     for p in &partitions {
-        let (_, high) = consumer
+        let (low, high) = consumer
             .fetch_watermarks(&settings.topic, *p, METADATA_TIMEOUT)
             .map_err(fail)?;
         let start = match committed
             .find_partition(&settings.topic, *p)
             .map(|e| e.offset())
         {
-            Some(Offset::Offset(o)) => o,
-            _ => 0,
+            Some(Offset::Offset(o)) => o.max(low),
+            _ => low,
         };
         if start < high {
             assignment
