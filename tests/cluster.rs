@@ -21,7 +21,6 @@ use common::*;
 use futures_util::future::join_all;
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
-use mongodb::options::ClientOptions;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -159,23 +158,6 @@ impl Cluster {
         {
             eprintln!("cleanup did not finish within 30 s");
         }
-    }
-}
-
-async fn mongo_client(opts: &ClusterOpts) -> mongodb::Client {
-    let mut options = ClientOptions::parse(&opts.mongo_url)
-        .await
-        .expect("MongoDB URL");
-    options.server_selection_timeout = Some(Duration::from_secs(5));
-    mongodb::Client::with_options(options).expect("MongoDB client")
-}
-
-/// A BSON integer (Int32 or Int64) as i64; panics on anything else.
-fn bson_int(v: Option<&Bson>) -> i64 {
-    match v {
-        Some(Bson::Int64(n)) => *n,
-        Some(Bson::Int32(n)) => i64::from(*n),
-        other => panic!("expected a BSON integer, got {other:?}"),
     }
 }
 

@@ -1132,3 +1132,23 @@ impl Client {
         v
     }
 }
+
+/// A MongoDB client for the test database of `opts`, failing fast when the
+/// server does not answer.
+pub async fn mongo_client(opts: &ClusterOpts) -> mongodb::Client {
+    let mut options = mongodb::options::ClientOptions::parse(&opts.mongo_url)
+        .await
+        .expect("MongoDB URL");
+    options.server_selection_timeout = Some(Duration::from_secs(5));
+    mongodb::Client::with_options(options).expect("MongoDB client")
+}
+
+/// A BSON integer (Int32 or Int64) as i64; panics on anything else.
+pub fn bson_int(v: Option<&mongodb::bson::Bson>) -> i64 {
+    use mongodb::bson::Bson;
+    match v {
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Int32(n)) => i64::from(*n),
+        other => panic!("expected a BSON integer, got {other:?}"),
+    }
+}
