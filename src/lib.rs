@@ -28,7 +28,6 @@ use actix_web::{web, App, HttpServer};
 use actors::persist::{PersistSupervisor, Stop as PersistStop};
 use actors::registry::{Drain, Publish, RoomRegistry};
 use actors::scheduler::Scheduler;
-use actors::session::ConnHandle;
 use auth::Tokens;
 use config::Settings;
 use limits::{AddressSlots, UserRates};
@@ -143,11 +142,7 @@ impl Node {
                 .app_data(data.clone())
                 .configure(|cfg| http::configure(cfg, &data))
         })
-        .on_connect(|conn, ext| {
-            if let Some(handle) = ConnHandle::from_connection(conn) {
-                ext.insert(handle);
-            }
-        })
+        .on_connect(|conn, _| actors::session::configure_connection(conn))
         .disable_signals()
         .shutdown_timeout(5);
         if app.settings.http.workers > 0 {

@@ -461,6 +461,82 @@ async fn slow_reader_is_closed_with_1008_and_the_room_goes_on() {
     assert!(ack["seq"].is_u64());
 }
 
+/// The state (hex, as in /proc/net/tcp) of the node's side of the TCP
+/// connection from client port `client`, if the kernel still has it.
+#[cfg(target_os = "linux")]
+fn server_side_state(node_port: u16, client: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{node_port:04X}");
+    let remote = format!(":{client:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.len() > 3 && cols[1].ends_with(&local) && cols[2].ends_with(&remote))
+            .then(|| cols[3].to_string())
+    })
+}
+
+/// A client that takes no bytes at all parks its session behind the full
+/// socket; the node still lets go of it (TCP_USER_TIMEOUT), so it holds no
+/// memory or file for good.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn client_that_never_reads_is_dropped_by_the_node() {
+    const ESTABLISHED: &str = "01";
+    let node = Node::start(NodeOpts {
+        outbound_soft_bytes: 65_536,
+        outbound_hard_bytes: 262_144,
+        ..NodeOpts::default()
+    })
+    .await;
+    let (mut mute, _, _) = node.user("mute").await;
+    let (mut fast, _, _) = node.user("loud").await;
+    mute.join("flood").await;
+    fast.join("flood").await;
+    let mute_port = match mute.ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.local_addr().unwrap().port(),
+        _ => unreachable!("plain connections only"),
+    };
+    assert_eq!(
+        server_side_state(node.port, mute_port).as_deref(),
+        Some(ESTABLISHED)
+    );
+
+    let text = "m".repeat(3900);
+    let mut sent = 0;
+    while node.metric("scalable_chat_connections", &[]).await != Some(1.0) {
+        assert!(sent < 6000, "never cut off after {sent} messages");
+        for _ in 0..50 {
+            fast.send_json(
+                &json!({"op":"send","room":"flood","text":text,"cid":format!("m{sent}")}),
+            )
+            .await;
+            sent += 1;
+        }
+        let last = format!("m{}", sent - 1);
+        fast.recv_until_pred(|v| v["op"] == "msg" && v["cid"] == last)
+            .await;
+    }
+
+    // Cut off, and still never reading: the node's end of the connection
+    // goes away on its own.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = server_side_state(node.port, mute_port);
+        if state.as_deref() != Some(ESTABLISHED) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node still holds the connection of a client that never reads"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The others go on.
+    let (ack, _) = fast.send_msg("flood", "still here", "after").await;
+    assert!(ack["seq"].is_u64());
+    drop(mute);
+}
+
 // ---------------------------------------------------------------- config
 
 #[tokio::test]

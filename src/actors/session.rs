@@ -10,12 +10,14 @@
 //! bytes, so a session cannot police its own queue. Instead every frame for
 //! it goes through its [`SessionOutbox`], which counts the bytes queued and
 //! not yet taken by the socket: above `outbound_soft_bytes` typing and
-//! presence frames are dropped; above `outbound_hard_bytes` the connection
-//! is shut down from outside. Either way the room and every other member
-//! go on at full speed, and the cut-off client can resume with `join since`.
+//! presence frames are dropped; above `outbound_hard_bytes` nothing more is
+//! queued and the session is asked to close with 1008. A client that takes
+//! no bytes at all keeps its session parked; the kernel drops such a
+//! connection after [`STALLED_SOCKET_TIMEOUT`] (`TCP_USER_TIMEOUT`, set on
+//! every accepted socket). Either way the room and every other member go
+//! on at full speed, and the cut-off client can resume with `join since`.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::Shutdown as SocketShutdown;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
@@ -43,9 +45,11 @@ const REPLAY_PAGE: usize = 500;
 /// How long a replay waits before checking a busy queue again.
 const REPLAY_BACKOFF: Duration = Duration::from_millis(20);
 
-/// How long a cut-off slow reader has to read what was queued for it, and
-/// then its close frame, before its socket is shut.
-const SLOW_READER_GRACE: Duration = Duration::from_secs(10);
+/// How long a connection may keep bytes its client does not take (no
+/// acknowledgement, or a receive window that stays shut) before the kernel
+/// drops it. This is what ends a client that never reads: its session is
+/// parked behind the full socket and cannot close it itself.
+const STALLED_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The node is draining: finish what was accepted, then close.
 #[derive(Message)]
@@ -70,24 +74,18 @@ pub enum FrameKind {
     Droppable,
 }
 
-/// A duplicate of the connection's socket, taken when it was accepted, so
-/// that a session whose actor is stalled behind a full socket can still be
-/// cut off.
-#[derive(Clone)]
-pub struct ConnHandle(Arc<std::net::TcpStream>);
-
-impl ConnHandle {
-    /// Takes a handle on an accepted connection (from `on_connect`).
-    pub fn from_connection(conn: &dyn std::any::Any) -> Option<Self> {
-        use std::os::fd::AsFd;
-        let tcp = conn.downcast_ref::<actix_web::rt::net::TcpStream>()?;
-        let fd = tcp.as_fd().try_clone_to_owned().ok()?;
-        Some(Self(Arc::new(std::net::TcpStream::from(fd))))
+/// Prepares an accepted connection (from `on_connect`): sets
+/// [`STALLED_SOCKET_TIMEOUT`] as its `TCP_USER_TIMEOUT`.
+pub fn configure_connection(conn: &dyn std::any::Any) {
+    let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+        return;
+    };
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(STALLED_SOCKET_TIMEOUT)) {
+        log::debug!("Cannot set TCP_USER_TIMEOUT on a connection: {e}.");
     }
-
-    fn shutdown(&self) {
-        let _ = self.0.shutdown(SocketShutdown::Both);
-    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (tcp, STALLED_SOCKET_TIMEOUT);
 }
 
 /// The shared door to one session: counts the bytes queued for it and
@@ -103,7 +101,6 @@ pub struct SessionOutbox {
     /// Set once the session is off the connections gauge: when it is cut
     /// off, or when it stops, whichever comes first.
     uncounted: AtomicBool,
-    conn: Option<ConnHandle>,
     soft: usize,
     hard: usize,
     app: Arc<AppState>,
@@ -135,10 +132,10 @@ impl SessionOutbox {
         addr.do_send(Outbound { frame, kind });
     }
 
-    /// Closes a connection that reads too slowly: with a 1008 close frame
-    /// if its session still runs, and by shutting its socket after
-    /// [`SLOW_READER_GRACE`] if it does not (its actor is parked behind the
-    /// full socket and would never see the request).
+    /// Closes a connection that reads too slowly with a 1008 close frame,
+    /// written once the client takes the bytes queued before it; a client
+    /// that takes none is dropped by the kernel after
+    /// [`STALLED_SOCKET_TIMEOUT`].
     fn cut_off(&self) {
         if self.closing.swap(true, Relaxed) {
             return;
@@ -150,12 +147,6 @@ impl SessionOutbox {
             addr.do_send(Outbound {
                 frame: ByteString::new(),
                 kind: FrameKind::Droppable,
-            });
-        }
-        if let Some(conn) = self.conn.clone() {
-            actix::spawn(async move {
-                tokio::time::sleep(SLOW_READER_GRACE).await;
-                conn.shutdown();
             });
         }
     }
@@ -254,7 +245,6 @@ impl WsSession {
     pub fn start(
         app: Arc<AppState>,
         user: User,
-        conn: Option<ConnHandle>,
         slot: Option<AddressSlot>,
         req: &HttpRequest,
         stream: web::Payload,
@@ -266,7 +256,6 @@ impl WsSession {
             queued: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             uncounted: AtomicBool::new(false),
-            conn,
             soft: limits.outbound_soft_bytes,
             hard: limits.outbound_hard_bytes,
             app: app.clone(),

@@ -3,7 +3,7 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use crate::actors::session::{ConnHandle, WsSession};
+use crate::actors::session::WsSession;
 use crate::auth::unix_now;
 use crate::error::ChatError;
 use crate::AppState;
@@ -49,6 +49,5 @@ pub(super) async fn upgrade(
         })?),
         None => None,
     };
-    let conn = req.conn_data::<ConnHandle>().cloned();
-    WsSession::start(app.into_inner(), user, conn, slot, &req, stream)
+    WsSession::start(app.into_inner(), user, slot, &req, stream)
 }
