@@ -294,6 +294,66 @@ async fn presence_on_join_leave_and_disconnect() {
     assert_eq!(p["left"], json!([user_ref(&ub)]), "{p}");
 }
 
+/// Many arrivals at once are told in a few `presence` frames, not one per
+/// arrival; every arrival is told, and nobody is told about themselves.
+#[tokio::test]
+async fn presence_of_many_arrivals_is_gathered() {
+    const N: usize = 20;
+    let node = Node::start_default().await;
+    let (mut a, _, _) = node.user("ann").await;
+    a.join("crowd").await;
+    let mut crowd = Vec::new();
+    for i in 0..N {
+        let (c, u, _) = node.user(&format!("guest{i}")).await;
+        crowd.push((c, u));
+    }
+    for (c, _) in crowd.iter_mut() {
+        c.send_json(&json!({"op": "join", "room": "crowd"})).await;
+    }
+
+    let expected: BTreeSet<String> = crowd
+        .iter()
+        .map(|(_, u)| u["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut seen = BTreeSet::new();
+    let mut frames = 0;
+    while seen.len() < N {
+        let p = a.recv_until("presence").await;
+        frames += 1;
+        assert_eq!(p["left"], json!([]), "{p}");
+        for u in p["joined"].as_array().unwrap() {
+            let id = u["id"].as_str().unwrap().to_string();
+            assert!(expected.contains(&id), "unknown arrival {u} in {p}");
+            assert!(seen.insert(id), "arrival told twice: {p}");
+        }
+    }
+    assert!(
+        frames < N,
+        "{N} arrivals at once took {frames} presence frames"
+    );
+
+    for (c, u) in crowd.iter_mut() {
+        let (_, mut got) = c
+            .recv_until_pred(|v| v["op"] == "joined" && v["room"] == "crowd")
+            .await;
+        // Frames of the window still open are out within a ping later.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        got.extend(c.ping(7).await);
+        for p in got.iter().filter(|v| v["op"] == "presence") {
+            for list in ["joined", "left"] {
+                assert!(
+                    p[list]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|x| x["id"] != u["id"]),
+                    "a user was told about themselves: {p}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn typing_is_relayed_to_others_only() {
     let node = Node::start_default().await;

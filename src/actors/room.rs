@@ -4,7 +4,7 @@
 //! `seq` order. A room actor holds no message data: it stops when the
 //! registry drops it after its last local member leaves.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +23,11 @@ use crate::store::MessageStore;
 const HOLD_BACK: Duration = Duration::from_secs(1);
 /// Messages read per step when a room backfills after a relay gap.
 const BACKFILL_PAGE: usize = 500;
+/// How long presence changes are gathered before one `presence` frame
+/// tells the members about all of them: when many join at once (a node
+/// restarts and its clients come back) each member gets a few frames, not
+/// one per arrival.
+const PRESENCE_WINDOW: Duration = Duration::from_millis(50);
 
 /// A session joins; answers the members (distinct users) after the join.
 #[derive(Message)]
@@ -151,6 +156,13 @@ pub struct Room {
     users: HashMap<String, usize>,
     /// Users present on other nodes, by (node, user id).
     remote: HashMap<(String, String), User>,
+    /// Nodes each user of `remote` is present on.
+    remote_nodes: HashMap<String, usize>,
+    /// Users whose presence changed since the last `presence` frame, with
+    /// whether they were present then.
+    presence_changes: HashMap<String, (User, bool)>,
+    /// A flush of `presence_changes` is scheduled.
+    presence_flush: bool,
     gate: SeqGate,
     store: Arc<dyn MessageStore>,
     bridge: Option<Addr<RedisBridge>>,
@@ -171,6 +183,9 @@ impl Room {
             members: HashMap::new(),
             users: HashMap::new(),
             remote: HashMap::new(),
+            remote_nodes: HashMap::new(),
+            presence_changes: HashMap::new(),
+            presence_flush: false,
             gate: SeqGate::default(),
             store,
             bridge,
@@ -203,7 +218,85 @@ impl Room {
 
     /// Whether a user is in the room here or on another node.
     fn present(&self, user_id: &str) -> bool {
-        self.users.contains_key(user_id) || self.remote.keys().any(|(_, id)| id == user_id)
+        self.users.contains_key(user_id) || self.remote_nodes.contains_key(user_id)
+    }
+
+    fn add_remote(&mut self, node: String, user: User) {
+        let id = user.id.clone();
+        if self.remote.insert((node, id.clone()), user).is_none() {
+            *self.remote_nodes.entry(id).or_insert(0) += 1;
+        }
+    }
+
+    fn remove_remote(&mut self, node: String, user_id: &str) {
+        if self.remote.remove(&(node, user_id.to_string())).is_some() {
+            match self.remote_nodes.get_mut(user_id) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    self.remote_nodes.remove(user_id);
+                }
+            }
+        }
+    }
+
+    /// Notes that `user`'s presence may be about to change (call before
+    /// the change), and schedules the frame that will tell the members.
+    fn presence_may_change(&mut self, user: &User, ctx: &mut Context<Self>) {
+        if !self.presence_changes.contains_key(&user.id) {
+            let before = self.present(&user.id);
+            self.presence_changes
+                .insert(user.id.clone(), (user.clone(), before));
+        }
+        if !self.presence_flush {
+            self.presence_flush = true;
+            ctx.run_later(PRESENCE_WINDOW, |act, _| act.flush_presence());
+        }
+    }
+
+    /// Tells the members who came and went since the last frame: one frame
+    /// for all of them, and for the sessions of a user in it, the same
+    /// without that user. Someone who came and went within the window is
+    /// not mentioned.
+    fn flush_presence(&mut self) {
+        self.presence_flush = false;
+        let mut joined = Vec::new();
+        let mut left = Vec::new();
+        for (id, (user, before)) in std::mem::take(&mut self.presence_changes) {
+            match (before, self.present(&id)) {
+                (false, true) => joined.push(user),
+                (true, false) => left.push(user),
+                _ => {}
+            }
+        }
+        if joined.is_empty() && left.is_empty() {
+            return;
+        }
+        let order = |a: &User, b: &User| a.name.cmp(&b.name).then(a.id.cmp(&b.id));
+        joined.sort_by(order);
+        left.sort_by(order);
+        let common: ByteString = frames::presence(&self.name, &joined, &left).into();
+        let changed: HashSet<&str> = joined.iter().chain(&left).map(|u| u.id.as_str()).collect();
+        let mut own: HashMap<&str, Option<ByteString>> = HashMap::new();
+        for m in self.members.values() {
+            let frame = if changed.contains(m.user.id.as_str()) {
+                let id = m.user.id.as_str();
+                own.entry(id)
+                    .or_insert_with(|| {
+                        let others = |list: &[User]| -> Vec<User> {
+                            list.iter().filter(|u| u.id != id).cloned().collect()
+                        };
+                        let (j, l) = (others(&joined), others(&left));
+                        (!j.is_empty() || !l.is_empty())
+                            .then(|| frames::presence(&self.name, &j, &l).into())
+                    })
+                    .clone()
+            } else {
+                Some(common.clone())
+            };
+            if let Some(frame) = frame {
+                m.outbox.push(frame, FrameKind::Droppable);
+            }
+        }
     }
 
     fn broadcast(&self, event: Event) {
@@ -279,7 +372,7 @@ impl Actor for Room {
         };
         ctx.wait(ready.into_actor(self).map(|(remote, last), act, _| {
             for (node, user) in remote {
-                act.remote.insert((node, user.id.clone()), user);
+                act.add_remote(node, user);
             }
             match last {
                 Ok(last) => act.gate.delivered = Some(last),
@@ -302,15 +395,13 @@ impl Actor for Room {
 
 impl Handler<JoinRoom> for Room {
     type Result = MessageResult<JoinRoom>;
-    fn handle(&mut self, msg: JoinRoom, _: &mut Context<Self>) -> Self::Result {
-        let was_present = self.present(&msg.user.id);
+    fn handle(&mut self, msg: JoinRoom, ctx: &mut Context<Self>) -> Self::Result {
+        if !self.users.contains_key(&msg.user.id) {
+            self.presence_may_change(&msg.user, ctx);
+        }
         let count = self.users.entry(msg.user.id.clone()).or_insert(0);
         *count += 1;
         if *count == 1 {
-            if !was_present {
-                let frame = frames::presence(&self.name, std::slice::from_ref(&msg.user), &[]);
-                self.tell_others(&msg.user.id, frame.into());
-            }
             self.broadcast(Event::Presence {
                 node: self.node_id.clone(),
                 room: self.name.to_string(),
@@ -331,10 +422,13 @@ impl Handler<JoinRoom> for Room {
 
 impl Handler<LeaveRoom> for Room {
     type Result = ();
-    fn handle(&mut self, msg: LeaveRoom, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: LeaveRoom, ctx: &mut Context<Self>) {
         let Some(member) = self.members.remove(&msg.session_id) else {
             return;
         };
+        if self.users.get(&member.user.id) == Some(&1) {
+            self.presence_may_change(&member.user, ctx);
+        }
         let last = match self.users.get_mut(&member.user.id) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -346,10 +440,6 @@ impl Handler<LeaveRoom> for Room {
             }
         };
         if last {
-            if !self.present(&member.user.id) {
-                let frame = frames::presence(&self.name, &[], std::slice::from_ref(&member.user));
-                self.tell_others(&member.user.id, frame.into());
-            }
             self.broadcast(Event::Presence {
                 node: self.node_id.clone(),
                 room: self.name.to_string(),
@@ -386,28 +476,20 @@ impl Handler<TypingIn> for Room {
 
 impl Handler<Remote> for Room {
     type Result = ();
-    fn handle(&mut self, msg: Remote, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Remote, ctx: &mut Context<Self>) {
         match msg.event {
             Event::Presence {
                 node, joined, left, ..
             } => {
-                // A user counts once, however many nodes they are on: tell
-                // the local members only of a first arrival and a last exit.
+                // A user counts once, however many nodes they are on: the
+                // local members hear only of a first arrival and a last exit.
                 for user in joined {
-                    let arrived = !self.present(&user.id);
-                    self.remote
-                        .insert((node.clone(), user.id.clone()), user.clone());
-                    if arrived {
-                        let frame = frames::presence(&self.name, std::slice::from_ref(&user), &[]);
-                        self.tell_others(&user.id, frame.into());
-                    }
+                    self.presence_may_change(&user, ctx);
+                    self.add_remote(node.clone(), user);
                 }
                 for user in left {
-                    self.remote.remove(&(node.clone(), user.id.clone()));
-                    if !self.present(&user.id) {
-                        let frame = frames::presence(&self.name, &[], std::slice::from_ref(&user));
-                        self.tell_others(&user.id, frame.into());
-                    }
+                    self.presence_may_change(&user, ctx);
+                    self.remove_remote(node.clone(), &user.id);
                 }
             }
             Event::Typing { user, .. } => {
