@@ -521,11 +521,14 @@ async fn rooms(b: &Bench, o: &Opts) -> Result<Value, Error> {
     Ok(m)
 }
 
-/// W3: N idle connections (each in a room of 100); resident memory per connection.
+/// W3: N idle connections (each in a room of `--room-size`, 100 by
+/// default); resident memory per connection.
 async fn idle(b: &Bench, o: &Opts) -> Result<Value, Error> {
     let n: usize = o.num("clients", 20000)?;
+    let room_size: usize = o.num("room-size", 100usize)?.max(1);
     let (_, rss0) = proc_sample(&b.pids);
-    let (clients, connect_rate) = connect_all(b, n, |i| Some(format!("idle{}", i / 100))).await;
+    let (clients, connect_rate) =
+        connect_all(b, n, |i| Some(format!("idle{}", i / room_size))).await;
     let connected = clients.len();
     for (_, ws) in clients {
         spawn_reader(ws, b.targets[0].proto, b.stats.clone());
@@ -539,6 +542,7 @@ async fn idle(b: &Bench, o: &Opts) -> Result<Value, Error> {
     };
     Ok(json!({
         "clients": n,
+        "room_size": room_size,
         "connected": connected,
         "connect_per_sec": connect_rate,
         "rss_before_mib": rss0 as f64 / 1024.0,
@@ -654,9 +658,13 @@ async fn durable(b: &Bench, o: &Opts) -> Result<Value, Error> {
             b.system
         );
         if persisted >= acked {
-            // The lag gauge is refreshed every 5 s: read it once more after that.
-            tokio::time::sleep(Duration::from_millis(5500)).await;
-            lag = metrics(&b.targets).await.1;
+            // The lag gauge trails the stores by a measurement or two:
+            // give it up to 10 s to reach 0.
+            let settle = Instant::now();
+            while lag > 0.0 && settle.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                lag = metrics(&b.targets).await.1;
+            }
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
