@@ -81,6 +81,7 @@ fn new_producer(settings: &KafkaSettings) -> Result<FutureProducer, ChatError> {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", settings.linger_ms.to_string())
+        .set("socket.nagle.disable", "true")
         .set(
             "message.timeout.ms",
             settings.message_timeout_ms.to_string(),
