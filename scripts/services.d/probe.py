@@ -5,9 +5,12 @@
                                that must list at least one broker.
     probe.py mongo HOST PORT   MongoDB wire protocol: OP_MSG `hello` that must
                                answer ok: 1.
+    probe.py mongo-drop HOST PORT DATABASE
+                               Drops DATABASE (`dropDatabase`); for the
+                               benchmarks, which start each run empty.
 
 Exit status 0 when the service answers; otherwise 1 with the reason on stderr.
-Used by scripts/services (`up`, `status`).
+Used by scripts/services (`up`, `status`) and bench/run.
 """
 
 import socket
@@ -144,11 +147,12 @@ def bson_top_level(doc):
     return fields
 
 
-def mongo_probe(host, port):
-    """OP_MSG {hello: 1, $db: "admin"}; the reply must say ok: 1."""
-    msg = struct.pack("<I", 0) + b"\x00" + bson_doc([("hello", 1), ("$db", "admin")])
+def mongo_command(host, port, pairs, timeout=TIMEOUT_S):
+    """Sends one OP_MSG command; returns the top-level fields of a reply
+    that says ok: 1."""
+    msg = struct.pack("<I", 0) + b"\x00" + bson_doc(pairs)
     header = struct.pack("<iiii", 16 + len(msg), 1, 0, 2013)
-    with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(header + msg)
         length, _, _, opcode = struct.unpack("<iiii", recv_exact(sock, 16))
         data = recv_exact(sock, length - 16)
@@ -156,18 +160,31 @@ def mongo_probe(host, port):
         raise ValueError(f"unexpected reply (opcode {opcode})")
     reply = bson_top_level(data[5:])
     if reply.get("ok") != 1:
-        raise ValueError(f"hello not ok: {reply.get('errmsg')!r}")
+        raise ValueError(f"{pairs[0][0]} not ok: {reply.get('errmsg')!r}")
+    return reply
+
+
+def mongo_probe(host, port):
+    """OP_MSG {hello: 1, $db: "admin"}; the reply must say ok: 1."""
+    reply = mongo_command(host, port, [("hello", 1), ("$db", "admin")])
     return f"maxWireVersion {reply.get('maxWireVersion')}"
+
+
+def mongo_drop(host, port, database):
+    """OP_MSG {dropDatabase: 1, $db: DATABASE}."""
+    mongo_command(host, port, [("dropDatabase", 1), ("$db", database)], timeout=60.0)
+    return f"dropped {database}"
 
 
 def main(argv):
     """Run the probe named by argv[1] against HOST PORT."""
-    probes = {"kafka": kafka_probe, "mongo": mongo_probe}
-    if len(argv) != 4 or argv[1] not in probes:
+    probes = {"kafka": kafka_probe, "mongo": mongo_probe, "mongo-drop": mongo_drop}
+    arity = {"mongo-drop": 5}
+    if len(argv) < 2 or argv[1] not in probes or len(argv) != arity.get(argv[1], 4):
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        detail = probes[argv[1]](argv[2], int(argv[3]))
+        detail = probes[argv[1]](argv[2], int(argv[3]), *argv[4:])
     except (OSError, ValueError, struct.error, IndexError) as exc:
         print(f"{argv[1]} probe: {exc}", file=sys.stderr)
         return 1
