@@ -384,18 +384,20 @@ pub fn write(dir: &str) -> Result<(), Error> {
     let rs = of("durable");
     if !rs.is_empty() {
         let _ = writeln!(md, "### W5 durable throughput\n");
-        let _ = writeln!(md, "| system | clients × window | accepted (acked) msgs/s | acked total | stored total | lost | consumer lag at stop | lag after | drain s | load avg |");
-        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(md, "| system | clients × window | accepted (acked) msgs/s | acked total | stored by the workers | documents in MongoDB | lost | consumer lag at stop | lag after | drain s | load avg |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for r in &rs {
             let _ = writeln!(
                 md,
-                "| {} | {} × {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
+                "| {} | {} × {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
                 r["system"].as_str().unwrap_or(""),
                 r["clients"],
                 r["window"],
                 f(r, "acked_per_sec"),
                 f(r, "acked_total"),
                 f(r, "stored_total"),
+                r.get("mongo_documents")
+                    .map_or_else(|| "not counted".to_string(), |n| n.to_string()),
                 f(r, "lost"),
                 f(r, "lag_at_stop"),
                 f(r, "lag_after"),

@@ -8,6 +8,8 @@
     probe.py mongo-drop HOST PORT DATABASE
                                Drops DATABASE (`dropDatabase`); for the
                                benchmarks, which start each run empty.
+    probe.py mongo-count HOST PORT DATABASE COLLECTION
+                               Prints the number of documents in COLLECTION.
 
 Exit status 0 when the service answers; otherwise 1 with the reason on stderr.
 Used by scripts/services (`up`, `status`) and bench/run.
@@ -170,6 +172,15 @@ def mongo_probe(host, port):
     return f"maxWireVersion {reply.get('maxWireVersion')}"
 
 
+def mongo_count(host, port, database, collection):
+    """OP_MSG {count: COLLECTION, $db: DATABASE}; prints n."""
+    reply = mongo_command(host, port, [("count", collection), ("$db", database)], timeout=120.0)
+    n = reply.get("n")
+    if n is None:
+        raise ValueError("count: no n in the reply")
+    return str(int(n))
+
+
 def mongo_drop(host, port, database):
     """OP_MSG {dropDatabase: 1, $db: DATABASE}."""
     mongo_command(host, port, [("dropDatabase", 1), ("$db", database)], timeout=60.0)
@@ -178,8 +189,9 @@ def mongo_drop(host, port, database):
 
 def main(argv):
     """Run the probe named by argv[1] against HOST PORT."""
-    probes = {"kafka": kafka_probe, "mongo": mongo_probe, "mongo-drop": mongo_drop}
-    arity = {"mongo-drop": 5}
+    probes = {"kafka": kafka_probe, "mongo": mongo_probe, "mongo-drop": mongo_drop,
+              "mongo-count": mongo_count}
+    arity = {"mongo-drop": 5, "mongo-count": 6}
     if len(argv) < 2 or argv[1] not in probes or len(argv) != arity.get(argv[1], 4):
         print(__doc__, file=sys.stderr)
         return 2
