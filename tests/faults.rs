@@ -1,7 +1,7 @@
 //! Fault injection against the real services: Kafka, FerretDB and Redis
 //! stopped and restarted under load, nodes killed with SIGKILL or drained
-//! with SIGTERM, persist nodes killed over and over, and a client that never
-//! reads.
+//! with SIGTERM, a persist worker (a persist-only node with one worker)
+//! killed over and over, and a client that never reads.
 //!
 //! Every scenario counts what the clients were told (ack or `unavailable`)
 //! and checks MongoDB at the end: no acked message lost, no duplicate
@@ -1168,23 +1168,40 @@ async fn redis_restarted_empty_seq_never_goes_back() {
 
 // ---------------------------------------------------------------- 4. persist
 
-/// 4. The persist nodes are killed with SIGKILL over and over (one at a
-/// time, the other keeps running) during a 10,000-message run: MongoDB ends
-/// with exactly 10,000 documents.
+/// Messages a node's persist workers stored since it started.
+async fn persisted_by(node: &Node) -> f64 {
+    node.metric("scalable_chat_persist_messages_total", &[])
+        .await
+        .unwrap_or(0.0)
+}
+
+/// 4. A persist worker killed with SIGKILL over and over during a
+/// 10,000-message run: MongoDB ends with exactly 10,000 documents.
+///
+/// Each persist worker is a process of its own: a node with only the
+/// `persist` role and `kafka.persist_workers = 1`, so that the process is
+/// the worker (one Kafka consumer of the group) and nothing else. Node a
+/// (role `sweep` only) serves the clients. Whichever of workers b and c is
+/// storing is killed, and started again half a second later; the other
+/// one runs meanwhile.
 #[tokio::test]
 #[ignore = "long: make test-faults"]
-async fn persist_nodes_killed_repeatedly_exactly_10000_documents() {
+async fn persist_worker_killed_repeatedly_exactly_10000_documents() {
     services_up().await;
     let mut f = Faulty::start(
         "persist-kill",
         &[&["sweep"], &["persist"], &["persist"]],
-        &[],
+        &[("SCALABLE_CHAT__KAFKA__PERSIST_WORKERS", "1")],
     )
     .await;
     let tokens = f.tokens(10, "p").await;
     let ports = Arc::new(Mutex::new(vec![f.nodes[0].port]));
+    // 10 clients, 1,000 messages each, at most 20 a second per client: the
+    // run lasts 50 s or more however fast the machine. A killed worker holds
+    // its partitions until its session times out (10 s), so the workers
+    // store again 10 to 15 s after each kill: room for three kills or more.
     let plans = plans(&f.room, &tokens, 1000, |p| {
-        p.pace = Duration::from_millis(2);
+        p.pace = Duration::from_millis(50);
         p.window = 20;
         p.home = 0;
     });
@@ -1198,30 +1215,66 @@ async fn persist_nodes_killed_repeatedly_exactly_10000_documents() {
             r
         }
     };
-    let mut kills = 0;
+    // Each kill: when, and how many messages the worker had stored since it
+    // was (re)started. A worker is killed while it stores: once its count
+    // of stored messages rose within the last 300 ms. (The room's messages
+    // are all in one partition, so one worker at a time has them to store.)
+    let mut kills: Vec<(Instant, usize, f64)> = Vec::new();
     let killer = async {
-        let mut which = 1;
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) && kills < 20 {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+        let running = || !stop.load(std::sync::atomic::Ordering::SeqCst);
+        while running() && kills.len() < 20 {
+            let mut busy = None;
+            while running() && busy.is_none() {
+                let before = [
+                    persisted_by(&f.nodes[1]).await,
+                    persisted_by(&f.nodes[2]).await,
+                ];
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                for which in [1, 2] {
+                    let after = persisted_by(&f.nodes[which]).await;
+                    if busy.is_none() && after > before[which - 1] {
+                        busy = Some((which, after));
+                    }
+                }
+            }
+            let Some((which, count)) = busy else { break };
             f.nodes[which].kill9();
-            kills += 1;
+            kills.push((Instant::now(), which, count));
             tokio::time::sleep(Duration::from_millis(500)).await;
             f.nodes[which].restart().await;
-            which = 3 - which;
         }
     };
     let (results, ()) = tokio::join!(load, killer);
     let sent_in = started.elapsed();
     let t = totals(&results, 10_000);
+    let last_ack = results
+        .iter()
+        .flat_map(|(o, _)| o.ack_times.iter().map(|(at, _)| *at))
+        .max()
+        .unwrap_or(started);
+    // Kills during the run (of a worker that was storing messages).
+    let busy_kills = kills.iter().filter(|(at, _, _)| *at < last_ack).count();
     let s = check_stored(&f.opts, &f.room, &t.acked_map, Duration::from_secs(120)).await;
     assert_clean(
-        "4 persist-killed",
+        "4 persist-worker-killed",
         &t,
         &s,
-        &format!("kills {kills} run {:.1}s", sent_in.as_secs_f64()),
+        &format!(
+            "kills {} (before the last ack: {busy_kills}) \
+             killed-worker:messages-it-had-stored-since-its-start {:?} run {:.1}s",
+            kills.len(),
+            kills
+                .iter()
+                .map(|(_, w, n)| format!("{}:{n}", char::from(b'a' + *w as u8)))
+                .collect::<Vec<_>>(),
+            sent_in.as_secs_f64()
+        ),
     );
     assert_eq!(t.acked, 10_000);
-    assert!(kills >= 2, "the run ended before a second kill");
+    assert!(
+        busy_kills >= 3,
+        "only {busy_kills} kills of a busy worker during the run"
+    );
     assert_eq!(s.docs, 10_000, "exactly 10,000 documents");
     f.cleanup().await;
 }
