@@ -11,11 +11,12 @@ run: frontend
 	$(CARGO) build --release
 	./target/release/scalable-chat --config $(CONFIG)
 
-## test: lints, then every test with the services up (started and stopped here when not running)
+## test: lints, then every test with the services up (started and stopped here when not running),
+## the fault suite last
 test: lint
 	scripts/with-services $(MAKE) test-all
 
-test-all: unit-test frontend-test e2e fuzz-quick
+test-all: unit-test frontend-test e2e fuzz-quick faults
 
 ## lint: formatting and clippy with warnings as errors
 lint:
@@ -60,10 +61,16 @@ services-down:
 	scripts/services down
 
 ## test-faults: fault injection against the real services, one scenario at a time (see docs/RELIABILITY.md):
-## Kafka, FerretDB and Redis stopped under load, nodes killed or drained, a client that never reads
-.PHONY: test-faults
+## Kafka, FerretDB and Redis stopped under load, nodes killed or drained, a client that never reads.
+## `make test` runs them too (target faults, the services already up; the SIGTERM drain, which
+## `cargo test` runs, is not run twice). The scenarios stop and start the services with
+## scripts/services and leave them running, so with-services still stops those it started.
+.PHONY: test-faults faults
 test-faults:
 	scripts/with-services $(CARGO) test --test faults -- --include-ignored --test-threads=1 --nocapture
+
+faults:
+	$(CARGO) test --test faults -- --ignored --test-threads=1 --nocapture
 
 ## cluster / cluster-down: the services and three nodes on 127.0.0.1:8081-8083
 cluster: frontend

@@ -8,11 +8,12 @@
 //! document, and every connection's view of a room in `seq` order.
 //!
 //! The scenarios stop and start the shared services with `scripts/services`
-//! (or take long, or compare timings), so they are `#[ignore]`d and run one
-//! at a time by `make test-faults`
+//! (or take long, or compare timings), so they are `#[ignore]`d in the
+//! normal `cargo test` and run one at a time by `make test-faults`
 //! (`cargo test --test faults -- --include-ignored --test-threads=1`), which
-//! starts the services first. Only the SIGTERM drain (a few seconds, no
-//! service stopped) runs in the normal `cargo test`. They read the
+//! starts the services first, and as the last step of `make test` (with
+//! `--ignored`, the services already up). Only the SIGTERM drain (a few
+//! seconds, no service stopped) runs in the normal `cargo test`. They read the
 //! service ports from REDIS_PORT, KAFKA_PORT, KAFKA_CONTROLLER_PORT and
 //! MONGO_PORT, like `scripts/services`, and pass them on to it. Each prints
 //! one `FAULTS` line with its figures (run with `--nocapture` to see it).
