@@ -274,16 +274,6 @@ async fn assert_no_more_msgs(c: &mut Client, who: &str, room: &str) {
     }
 }
 
-/// `GET` a URL and return its status and JSON body.
-async fn get_json(node: &Node, path: &str) -> (u16, Value) {
-    let resp = node.http().get(node.url(path)).send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let body = serde_json::from_str(&text)
-        .unwrap_or_else(|_| panic!("GET {path}: body is not JSON: {text:?}"));
-    (status, body)
-}
-
 /// `POST /api/v1/rooms/{room}/messages` with a bearer token.
 async fn post_message(node: &Node, token: &str, room: &str, text: &str, cid: &str) -> (u16, Value) {
     let resp = node
@@ -355,7 +345,7 @@ async fn token_from_one_node_works_on_another() {
     assert_eq!(wa.welcome["node"], a.opts.node_id, "{}", wa.welcome);
 
     // Both nodes read the same room.
-    let (status, page) = get_json(a, &format!("/api/v1/rooms/{room}/messages")).await;
+    let (status, page) = a.get_json(&format!("/api/v1/rooms/{room}/messages")).await;
     assert_eq!(status, 200, "{page}");
     let cids: Vec<&str> = page["messages"]
         .as_array()
@@ -773,7 +763,7 @@ async fn history_pages_back_to_seq_1_past_the_cache() {
             None => format!("/api/v1/rooms/{room}/messages?limit=50"),
             Some(s) => format!("/api/v1/rooms/{room}/messages?before={s}&limit=50"),
         };
-        let (status, page) = get_json(b, &path).await;
+        let (status, page) = b.get_json(&path).await;
         assert_eq!(status, 200, "GET {path}: {page}");
         let msgs = page["messages"].as_array().unwrap();
         let seqs = seqs(&page["messages"]);
@@ -1035,7 +1025,7 @@ async fn same_cid_through_two_nodes_makes_one_message() {
 #[tokio::test]
 async fn readyz_names_every_cluster_service() {
     let cluster = Cluster::start(1).await;
-    let (status, body) = get_json(&cluster.nodes[0], "/readyz").await;
+    let (status, body) = cluster.nodes[0].get_json("/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "ready", "{body}");
     for service in ["redis", "kafka", "mongo"] {

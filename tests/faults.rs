@@ -36,7 +36,7 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use scalable_chat::store::keys;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 // ---------------------------------------------------------------- services
@@ -401,18 +401,7 @@ async fn try_connect(port: u16, token: &str) -> Option<Client> {
     .await
     .ok()?
     .ok()?;
-    let mut c = Client {
-        ws,
-        welcome: Value::Null,
-        pings_seen: 0,
-    };
-    match c.next_event(Duration::from_secs(5)).await {
-        Event::Json(v) if v["op"] == "welcome" => {
-            c.welcome = v;
-            Some(c)
-        }
-        _ => None,
-    }
+    Client::welcomed(ws, Duration::from_secs(5)).await.ok()
 }
 
 /// `join since`: the replayed seqs, or `None` when refused or closed.

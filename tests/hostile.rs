@@ -64,15 +64,9 @@ async fn connect_from(node: &Node, source: &str, token: &str) -> Client {
     .expect("upgrade timed out")
     .unwrap_or_else(|e| panic!("upgrade from {source} refused: {e}"));
     assert_eq!(resp.status().as_u16(), 101);
-    let mut client = Client {
-        ws,
-        welcome: Value::Null,
-        pings_seen: 0,
-    };
-    let welcome = client.recv_json().await;
-    assert_eq!(welcome["op"], "welcome", "first frame: {welcome}");
-    client.welcome = welcome;
-    client
+    Client::welcomed(ws, RECV_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no welcome frame: {e:?}"))
 }
 
 async fn post(node: &Node, token: &str, room: &str, body: &Value) -> reqwest::Response {
@@ -219,15 +213,8 @@ async fn rest_posts_are_rate_limited_per_user_with_429() {
     let (other, _) = node.guest("bob").await;
     let resp = post(&node, &other, "lobby", &json!({"text": "hi", "cid": "q0"})).await;
     assert_eq!(resp.status(), 201);
-    let page: Value = node
-        .http()
-        .get(node.url("/api/v1/rooms/lobby/messages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, page) = node.get_json("/api/v1/rooms/lobby/messages").await;
+    assert_eq!(status, 200, "{page}");
     assert_eq!(page["messages"].as_array().unwrap().len(), 4, "{page}");
 }
 
@@ -466,15 +453,8 @@ async fn control_characters_are_refused_in_cids_and_over_rest() {
             .unwrap();
         assert_http_error(resp, 400, "bad_request", &format!("name {name:?}")).await;
     }
-    let page: Value = node
-        .http()
-        .get(node.url("/api/v1/rooms/lobby/messages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, page) = node.get_json("/api/v1/rooms/lobby/messages").await;
+    assert_eq!(status, 200, "{page}");
     assert_eq!(page["messages"].as_array().unwrap().len(), 0, "{page}");
 }
 

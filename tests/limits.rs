@@ -394,6 +394,31 @@ async fn silent_client_is_closed_and_live_ones_are_kept() {
 
 // ---------------------------------------------------------------- slow reader
 
+/// Sends 3.9 kB messages into `room` from `fast`, 50 at a time, keeping up
+/// with its own echoes, until the node counts one connection left (the
+/// other member was cut off); fails after `max` messages.
+async fn flood_until_cut_off(node: &Node, fast: &mut Client, room: &str, max: usize) {
+    let text = "z".repeat(3900);
+    let mut sent = 0;
+    while node.metric("scalable_chat_connections", &[]).await != Some(1.0) {
+        assert!(
+            sent < max,
+            "slow reader still connected after {sent} messages of 3.9 kB"
+        );
+        for _ in 0..50 {
+            fast.send_json(&json!({"op":"send","room":room,"text":text,"cid":format!("f{sent}")}))
+                .await;
+            sent += 1;
+        }
+        let last = format!("f{}", sent - 1);
+        fast.recv_until_pred(|v| {
+            assert_ne!(v["op"], "error", "fast sender refused: {v}");
+            v["op"] == "msg" && v["cid"] == last
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn slow_reader_is_closed_with_1008_and_the_room_goes_on() {
     let node = Node::start(NodeOpts {
@@ -408,33 +433,7 @@ async fn slow_reader_is_closed_with_1008_and_the_room_goes_on() {
     fast.join("flood").await;
     fast.ping(0).await;
 
-    let text = "z".repeat(3900);
-    let mut sent = 0;
-    let mut closed = false;
-    while sent < 4000 {
-        for _ in 0..50 {
-            fast.send_json(
-                &json!({"op":"send","room":"flood","text":text,"cid":format!("f{sent}")}),
-            )
-            .await;
-            sent += 1;
-        }
-        // The fast client keeps up with its own acks and echoes.
-        let last = format!("f{}", sent - 1);
-        fast.recv_until_pred(|v| {
-            assert_ne!(v["op"], "error", "fast sender refused: {v}");
-            v["op"] == "msg" && v["cid"] == last
-        })
-        .await;
-        if node.metric("scalable_chat_connections", &[]).await == Some(1.0) {
-            closed = true;
-            break;
-        }
-    }
-    assert!(
-        closed,
-        "slow reader still connected after {sent} messages of 3.9 kB"
-    );
+    flood_until_cut_off(&node, &mut fast, "flood", 4000).await;
 
     // The slow reader drains what was in flight, then finds the close frame.
     eprintln!(
@@ -501,21 +500,7 @@ async fn client_that_never_reads_is_dropped_by_the_node() {
         Some(ESTABLISHED)
     );
 
-    let text = "m".repeat(3900);
-    let mut sent = 0;
-    while node.metric("scalable_chat_connections", &[]).await != Some(1.0) {
-        assert!(sent < 6000, "never cut off after {sent} messages");
-        for _ in 0..50 {
-            fast.send_json(
-                &json!({"op":"send","room":"flood","text":text,"cid":format!("m{sent}")}),
-            )
-            .await;
-            sent += 1;
-        }
-        let last = format!("m{}", sent - 1);
-        fast.recv_until_pred(|v| v["op"] == "msg" && v["cid"] == last)
-            .await;
-    }
+    flood_until_cut_off(&node, &mut fast, "flood", 6000).await;
 
     // Cut off, and still never reading: the node's end of the connection
     // goes away on its own.

@@ -569,15 +569,9 @@ impl Node {
         .await
         .expect("connect timed out")
         .expect("websocket connect failed");
-        let mut client = Client {
-            ws,
-            welcome: Value::Null,
-            pings_seen: 0,
-        };
-        let welcome = client.recv_json().await;
-        assert_eq!(welcome["op"], "welcome", "first frame: {welcome}");
-        client.welcome = welcome;
-        client
+        Client::welcomed(ws, RECV_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("no welcome frame: {e:?}"))
     }
 
     /// A guest user plus one connection.
@@ -585,6 +579,16 @@ impl Node {
         let (token, user) = self.guest(name).await;
         let client = self.connect(&token).await;
         (client, user, token)
+    }
+
+    /// `GET path`: the status and the JSON body.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = self.http().get(self.url(path)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("GET {path}: body is not JSON: {text:?}"));
+        (status, body)
     }
 
     /// Tries a WebSocket upgrade with an optional Origin; returns the HTTP
@@ -712,6 +716,26 @@ pub struct Client {
 }
 
 impl Client {
+    /// Wraps an upgraded WebSocket once its first frame, `welcome`, has
+    /// arrived within `within`; otherwise what came instead.
+    pub async fn welcomed(
+        ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+        within: Duration,
+    ) -> Result<Client, Event> {
+        let mut client = Client {
+            ws,
+            welcome: Value::Null,
+            pings_seen: 0,
+        };
+        match client.next_event(within).await {
+            Event::Json(v) if v["op"] == "welcome" => {
+                client.welcome = v;
+                Ok(client)
+            }
+            other => Err(other),
+        }
+    }
+
     pub fn session(&self) -> String {
         self.welcome["session"]
             .as_str()
