@@ -326,20 +326,14 @@ pub fn write(dir: &str) -> Result<(), Error> {
             "p99_ms",
             "p99 latency (lower is better; ours ÷ peer)",
         );
-        let bars: Vec<(String, f64)> = rs
-            .iter()
-            .map(|r| {
-                (
-                    r["system"].as_str().unwrap_or("").to_string(),
-                    f(r, "p99_ms"),
-                )
-            })
-            .collect();
-        std::fs::write(
-            format!("{dir}/rooms.svg"),
-            bar_svg("W2 many rooms: p99 latency", "ms", &bars),
+        chart(
+            &mut md,
+            dir,
+            &rs,
+            "p99_ms",
+            "rooms",
+            ("W2 many rooms: p99 latency", "ms", "W2 p99"),
         )?;
-        let _ = writeln!(md, "\n![W2 p99](rooms.svg)\n");
     }
     let rs = of("idle");
     if !rs.is_empty() {
@@ -366,20 +360,14 @@ pub fn write(dir: &str) -> Result<(), Error> {
             "kib_per_connection",
             "KiB per connection (lower is better; ours ÷ peer)",
         );
-        let bars: Vec<(String, f64)> = rs
-            .iter()
-            .map(|r| {
-                (
-                    r["system"].as_str().unwrap_or("").to_string(),
-                    f(r, "kib_per_connection"),
-                )
-            })
-            .collect();
-        std::fs::write(
-            format!("{dir}/idle.svg"),
-            bar_svg("W3 memory per idle connection", "KiB", &bars),
+        chart(
+            &mut md,
+            dir,
+            &rs,
+            "kib_per_connection",
+            "idle",
+            ("W3 memory per idle connection", "KiB", "W3"),
         )?;
-        let _ = writeln!(md, "\n![W3](idle.svg)\n");
     }
     let rs = of("durable");
     if !rs.is_empty() {
@@ -405,20 +393,14 @@ pub fn write(dir: &str) -> Result<(), Error> {
                 r["load_average_start"].as_str().unwrap_or("")
             );
         }
-        let bars: Vec<(String, f64)> = rs
-            .iter()
-            .map(|r| {
-                (
-                    r["system"].as_str().unwrap_or("").to_string(),
-                    f(r, "acked_per_sec"),
-                )
-            })
-            .collect();
-        std::fs::write(
-            format!("{dir}/durable.svg"),
-            bar_svg("W5 accepted msgs/s", "msgs/s", &bars),
+        chart(
+            &mut md,
+            dir,
+            &rs,
+            "acked_per_sec",
+            "durable",
+            ("W5 accepted msgs/s", "msgs/s", "W5"),
         )?;
-        let _ = writeln!(md, "\n![W5](durable.svg)\n");
     }
     std::fs::write(format!("{dir}/results.md"), &md)?;
     println!("{md}");
@@ -426,6 +408,25 @@ pub fn write(dir: &str) -> Result<(), Error> {
 }
 
 /// "ours ÷ peer" for every pair of an ours row and a peer row.
+/// A bar chart of `key` per system, written to `<dir>/<file>.svg` and
+/// linked from the Markdown under the given title, unit and alt text.
+fn chart(
+    md: &mut String,
+    dir: &str,
+    rs: &[Value],
+    key: &str,
+    file: &str,
+    (title, unit, alt): (&str, &str, &str),
+) -> std::io::Result<()> {
+    let bars: Vec<(String, f64)> = rs
+        .iter()
+        .map(|r| (r["system"].as_str().unwrap_or("").to_string(), f(r, key)))
+        .collect();
+    std::fs::write(format!("{dir}/{file}.svg"), bar_svg(title, unit, &bars))?;
+    let _ = writeln!(md, "\n![{alt}]({file}.svg)\n");
+    Ok(())
+}
+
 fn ratios(md: &mut String, rs: &[Value], key: &str, what: &str) {
     let ours: Vec<&Value> = rs
         .iter()
