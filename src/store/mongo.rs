@@ -12,12 +12,12 @@
 //! integers), never from text, so nothing a client sends can become a query
 //! operator.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document};
-use mongodb::error::{Error as MongoError, ErrorKind, InsertManyError};
+use mongodb::error::{Error as MongoError, ErrorKind, InsertManyError, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, IndexModel};
 
@@ -140,45 +140,70 @@ impl MongoStore {
         }
         let duplicates: Vec<&ChatMessage> =
             errors.iter().filter_map(|w| msgs.get(w.index)).collect();
-        self.report_seq_conflicts(&duplicates).await;
+        self.settle_duplicates(&duplicates).await?;
         Ok(msgs.len().saturating_sub(errors.len()))
     }
 
     /// A duplicate key is normally the same message stored before (same
-    /// `_id`). When the `_id` is absent, the clash was on `(room, seq)`: two
-    /// different messages got the same seq, which the sequencer must never
-    /// do. That message cannot be stored; say so loudly, but do not fail the
-    /// batch (retrying would block the partition forever).
-    async fn report_seq_conflicts(&self, duplicates: &[&ChatMessage]) {
+    /// `_id`). It may have been stored under a lower seq: a message that
+    /// came late to Redis is published under a new seq and produced again,
+    /// and the stored one is raised to it (never lowered, whatever order
+    /// the two records come in). When the `_id` is absent, the clash was on
+    /// `(room, seq)`: two different messages got the same seq, which the
+    /// sequencer must never do. That message cannot be stored; say so
+    /// loudly, but do not fail the batch (retrying would block the
+    /// partition forever).
+    async fn settle_duplicates(&self, duplicates: &[&ChatMessage]) -> Result<(), ChatError> {
         if duplicates.is_empty() {
-            return;
+            return Ok(());
         }
         let ids: Vec<&str> = duplicates.iter().map(|m| m.id.as_str()).collect();
-        let found = self
+        let stored: HashMap<String, u64> = self
             .messages
             .find(doc! {"_id": {"$in": &ids}})
-            .projection(doc! {"_id": 1})
-            .await;
-        let stored: Result<HashSet<String>, MongoError> = match found {
-            Ok(cursor) => {
-                cursor
-                    .try_filter_map(|d| async move { Ok(d.get_str("_id").ok().map(String::from)) })
-                    .try_collect()
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        match stored {
-            Ok(stored) => {
-                for m in duplicates.iter().filter(|m| !stored.contains(&m.id)) {
-                    log::error!(
-                        "room={} seq={} id={}: Message not stored: another message already has this room and seq.",
-                        m.room, m.seq, m.id
-                    );
+            .projection(doc! {"_id": 1, "seq": 1})
+            .await
+            .map_err(|e| mongo_error("read duplicate messages", e))?
+            .try_filter_map(|d| async move {
+                Ok(d.get_str("_id")
+                    .ok()
+                    .map(|id| (id.to_string(), seq_of(&d).unwrap_or(0))))
+            })
+            .try_collect()
+            .await
+            .map_err(|e| mongo_error("read duplicate messages", e))?;
+        for m in duplicates {
+            match stored.get(&m.id) {
+                None => log::error!(
+                    "room={} seq={} id={}: Message not stored: another message already has this room and seq.",
+                    m.room, m.seq, m.id
+                ),
+                Some(&seq) if seq < m.seq => {
+                    let raised = self
+                        .messages
+                        .update_one(
+                            doc! {"_id": &m.id, "seq": {"$lt": m.seq as i64}},
+                            doc! {"$set": {"seq": m.seq as i64}},
+                        )
+                        .await;
+                    match raised {
+                        Ok(_) => log::info!(
+                            "room={} id={}: Stored seq raised from {seq} to {}.",
+                            m.room,
+                            m.id,
+                            m.seq
+                        ),
+                        Err(e) if is_duplicate_key(&e) => log::error!(
+                            "room={} seq={} id={}: Cannot raise the stored seq: another message already has it.",
+                            m.room, m.seq, m.id
+                        ),
+                        Err(e) => return Err(mongo_error("raise the seq of a message", e)),
+                    }
                 }
+                Some(_) => {}
             }
-            Err(e) => log::warn!("Could not check duplicate messages for seq conflicts: {e}."),
         }
+        Ok(())
     }
 
     /// The `limit` latest messages of `room` with `seq < before` (the latest
@@ -363,6 +388,11 @@ fn seq_of(d: &Document) -> Option<u64> {
         Bson::Int32(n) => u64::try_from(*n).ok(),
         _ => None,
     }
+}
+
+/// Whether a single write failed on a unique index.
+fn is_duplicate_key(e: &MongoError) -> bool {
+    matches!(e.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == DUPLICATE_KEY)
 }
 
 /// The `_id` of a document, for error messages.
@@ -561,6 +591,74 @@ mod tests {
                 page == msgs[2..3],
                 "seq 3 is still the first one: {page:#?}"
             );
+            Ok(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_message_stored_again_under_a_higher_seq_keeps_the_higher() {
+        with_store(|store| async move {
+            let first = message("general", 4);
+            let mut moved = first.clone();
+            moved.seq = 9;
+            // The first seq, then the new one: raised.
+            check!(
+                store
+                    .insert_batch(std::slice::from_ref(&first))
+                    .await
+                    .map_err(err)?
+                    == 1,
+                "new"
+            );
+            check!(
+                store
+                    .insert_batch(std::slice::from_ref(&moved))
+                    .await
+                    .map_err(err)?
+                    == 0,
+                "not new"
+            );
+            let stored = store.after("general", 0, 10).await.map_err(err)?;
+            check!(stored == [moved.clone()], "raised to 9: {stored:#?}");
+            // The first seq again, late (a replay): not lowered.
+            check!(
+                store
+                    .insert_batch(&[first.clone(), message("general", 5)])
+                    .await
+                    .map_err(err)?
+                    == 1,
+                "5 new"
+            );
+            let seqs: Vec<u64> = store
+                .after("general", 0, 10)
+                .await
+                .map_err(err)?
+                .iter()
+                .map(|m| m.seq)
+                .collect();
+            check!(seqs == [5, 9], "still 9: {seqs:?}");
+            check!(store.max_seq("general").await.map_err(err)? == 9, "max seq");
+            // Both records in one batch, either order.
+            let other = message("general", 6);
+            let mut other_moved = other.clone();
+            other_moved.seq = 12;
+            check!(
+                store
+                    .insert_batch(&[other_moved, other])
+                    .await
+                    .map_err(err)?
+                    == 1,
+                "one of two"
+            );
+            let seqs: Vec<u64> = store
+                .after("general", 0, 10)
+                .await
+                .map_err(err)?
+                .iter()
+                .map(|m| m.seq)
+                .collect();
+            check!(seqs == [5, 9, 12], "6 stored as 12: {seqs:?}");
             Ok(())
         })
         .await;
