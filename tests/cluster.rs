@@ -135,6 +135,7 @@ impl Cluster {
                     for room in &self.rooms {
                         pipe.del(keys::seq(room))
                             .del(keys::cids(room))
+                            .del(keys::published(room))
                             .del(keys::recent(room))
                             .del(keys::persisted(room))
                             .del(keys::members(room))
@@ -1016,6 +1017,139 @@ async fn same_cid_through_two_nodes_makes_one_message() {
         );
         assert_strictly_increasing(&seen.seqs(), who);
         assert_no_more_msgs(c, who, &room).await;
+    }
+
+    cluster.cleanup().await;
+}
+
+/// 7b. A node accepted a message (gave it a seq) and died before Kafka had
+/// it; later messages were delivered meanwhile. The client's retry through
+/// another node comes long after the rooms stopped waiting for that seq:
+/// it is published under a new seq, delivered live to every client of
+/// every node, acked with that seq and stored under it, once.
+#[tokio::test]
+async fn a_retry_after_later_messages_is_delivered_live_under_a_new_seq() {
+    let mut cluster = Cluster::start(2).await;
+    let room = cluster.room("late");
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (token, ann) = a.guest("ann").await;
+    let mut ann_b = b.connect(&token).await;
+    let (mut oa, _, _) = a.user("oa").await;
+    let (mut ob, _, _) = b.user("ob").await;
+    for c in [&mut ann_b, &mut oa, &mut ob] {
+        c.join(&room).await;
+    }
+    ann_b.send_acked(&room, "first", "first").await;
+
+    // What a node that dies right after accepting leaves in Redis: the
+    // cid with its seq and id, never produced nor published.
+    let redis = redis::Client::open(cluster.opts.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let lost_seq: u64 = redis::cmd("INCR")
+        .arg(keys::seq(&room))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lost_id = ulid::Ulid::new().to_string();
+    let field = format!("{}:lost", ann["id"].as_str().unwrap());
+    let _: () = redis::cmd("HSET")
+        .arg(keys::cids(&room))
+        .arg(&field)
+        .arg(format!("{lost_seq} {lost_id} {}", now_ms()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let later: Vec<String> = vec!["later-1".into(), "later-2".into()];
+    send_all(&mut ann_b, &room, &later).await;
+    let seen = read_until(
+        &mut ann_b,
+        "ann",
+        &room,
+        &cid_set(&later),
+        &cid_set(&later),
+        DELIVER_WITHIN,
+    )
+    .await;
+    let top = seen.max_seq();
+    assert!(
+        top > lost_seq,
+        "later messages come after the lost seq: {seen:?}"
+    );
+    for (c, who) in [(&mut oa, "oa"), (&mut ob, "ob")] {
+        let mut want = cid_set(&later);
+        want.insert("first".into());
+        read_until(c, who, &room, &want, &BTreeSet::new(), DELIVER_WITHIN).await;
+    }
+    // Past the rooms' hold-back: a seq that arrives now is skipped.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (ack, msg) = ann_b.send_msg(&room, &text_of("lost"), "lost").await;
+    let seq = ack["seq"].as_u64().unwrap();
+    assert!(seq > top, "the retry is published above {top}: {ack}");
+    assert_eq!(
+        ack["id"],
+        lost_id.as_str(),
+        "the retry keeps the first id: {ack}"
+    );
+    assert_eq!(msg["seq"], seq, "{msg}");
+    for (c, who) in [(&mut oa, "oa on a"), (&mut ob, "ob on b")] {
+        let got = read_until(
+            c,
+            who,
+            &room,
+            &cid_set(&["lost".into()]),
+            &BTreeSet::new(),
+            DELIVER_WITHIN,
+        )
+        .await;
+        assert_eq!(got.seqs(), vec![seq], "{who}: {got:?}");
+        assert_no_more_msgs(c, who, &room).await;
+    }
+    // A client resuming from the highest seq before it gets it too.
+    let (mut fresh, _, _) = a.user("fresh").await;
+    let (replayed, _) = fresh.join_since(&room, top).await;
+    let replayed: Vec<(u64, &str)> = replayed
+        .iter()
+        .map(|m| (m["seq"].as_u64().unwrap(), m["cid"].as_str().unwrap()))
+        .collect();
+    assert_eq!(replayed, vec![(seq, "lost")], "join since {top}");
+
+    // Once more through the other node: the same answer, nothing new.
+    let mut ann_a = a.connect(&token).await;
+    ann_a.join(&room).await;
+    let again = ann_a.send_acked(&room, &text_of("lost"), "lost").await;
+    assert_eq!(
+        (&again["seq"], &again["id"]),
+        (&ack["seq"], &ack["id"]),
+        "{again}"
+    );
+    assert_no_more_msgs(&mut ann_a, "ann on a", &room).await;
+
+    // Kafka has it under both seqs (the retry produced the first one before
+    // it learnt it was late): MongoDB ends with one document, the new seq.
+    let started = Instant::now();
+    loop {
+        let docs = cluster.wait_stored(&room, 4).await;
+        let lost: Vec<(i64, String)> = docs
+            .iter()
+            .filter(|d| d.get_str("cid") == Ok("lost"))
+            .map(|d| {
+                (
+                    bson_int(d.get("seq")),
+                    d.get_str("_id").unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(docs.len(), 4, "{docs:?}");
+        if lost == vec![(seq as i64, lost_id.clone())] {
+            break;
+        }
+        assert!(
+            started.elapsed() < STORE_WITHIN,
+            "MongoDB holds {lost:?} for the retried message, not ({seq}, {lost_id})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
     cluster.cleanup().await;

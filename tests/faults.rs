@@ -183,6 +183,7 @@ impl Faulty {
                 for room in std::iter::once(&self.room).chain(&self.more_rooms) {
                     pipe.del(keys::seq(room))
                         .del(keys::cids(room))
+                        .del(keys::published(room))
                         .del(keys::recent(room))
                         .del(keys::persisted(room))
                         .del(keys::members(room))

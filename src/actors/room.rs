@@ -20,7 +20,7 @@ use crate::store::MessageStore;
 
 /// How long a message waits for a lower seq still in flight on another
 /// node before that seq is given up as failed.
-const HOLD_BACK: Duration = Duration::from_secs(1);
+pub const HOLD_BACK: Duration = Duration::from_secs(1);
 /// Messages read per step when a room backfills after a relay gap.
 const BACKFILL_PAGE: usize = 500;
 /// How long presence changes are gathered before one `presence` frame

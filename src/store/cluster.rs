@@ -8,6 +8,12 @@
 //! cache and publishes it on the room's channel. Only after (2) is the
 //! message visible to anyone, and only after (3) is it acked.
 //!
+//! A message that reaches (3) late, when the rooms have given up waiting
+//! for its seq (a retry after Kafka timed out, a retry of a dead node's
+//! message, a publish delayed by a Redis outage), is published under the
+//! room's next seq and produced again under it; the persist workers keep
+//! the higher seq of the two. Every client gets it live, in order.
+//!
 //! History is the recent cache in Redis joined with MongoDB: the cache is
 //! trimmed only below what MongoDB already holds, so the two together never
 //! have a hole, even while the persist workers lag or MongoDB is down.
@@ -31,12 +37,20 @@ use crate::error::ChatError;
 use crate::protocol::ChatMessage;
 
 /// Accepts a message: KEYS seq, cids; ARGV field (`user:cid`), id, ts, ttl.
-/// Returns `{1, "seq id ts"}` for a new message, `{0, "seq id ts"}` for a
-/// repeated cid, `{-1, ""}` when the room's seq is missing and must be
-/// seeded first (a new room, or Redis lost its data).
+/// Returns `{1, "seq id ts"}` for a new message; for a repeated cid
+/// `{0, "seq id ts"}` while no attempt was published yet, `{2, …}` once
+/// one was and `{3, …}` once one was published under a new seq (the one
+/// returned); `{-1, ""}` when the room's seq is missing and must be seeded
+/// first (a new room, or Redis lost its data).
 const ACCEPT: &str = r"
 local prior = redis.call('HGET', KEYS[2], ARGV[1])
 if prior then
+  local mark = string.sub(prior, -2)
+  if mark == ' d' then
+    return {2, string.sub(prior, 1, -3)}
+  elseif mark == ' r' then
+    return {3, string.sub(prior, 1, -3)}
+  end
   return {0, prior}
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -60,17 +74,78 @@ end
 return current
 ";
 
-/// Caches and publishes a durable message: KEYS recent, persisted;
-/// ARGV seq, message JSON, event JSON, cache size, channel, margin. Trims
-/// the cache to its size, but never within `margin` of the highest seq
-/// MongoDB is known to hold: seqs reach Kafka slightly out of order across
-/// nodes, so a lower seq may still be on its way to MongoDB.
-const DELIVER: &str = r"
+/// Caches and publishes a durable message, once per cid: KEYS recent,
+/// persisted, seq, cids, published; ARGV seq, message JSON, event JSON,
+/// cache size, channel, margin, cid field, id, ts, late (ms), cid ttl.
+///
+/// - An attempt of a cid that was published already publishes nothing and
+///   returns `{0, "seq id ts"}` of the published one.
+/// - A message is late when a higher seq was published `late` ms ago or
+///   more: the rooms have stopped waiting for it and would skip it. It is
+///   published under the room's next seq instead, and `{2, "seq"}` returns
+///   that seq (the caller makes it durable). Otherwise `{1, "seq"}`.
+///
+/// Trims the cache to its size, but never within `margin` of the highest
+/// seq MongoDB is known to hold: seqs reach Kafka slightly out of order
+/// across nodes, so a lower seq may still be on its way to MongoDB.
+const DELIVER: &str = r#"
 local seq = tonumber(ARGV[1])
-if #redis.call('ZRANGEBYSCORE', KEYS[1], seq, seq, 'LIMIT', 0, 1) == 0 then
-  redis.call('ZADD', KEYS[1], seq, ARGV[2])
+local prior = redis.call('HGET', KEYS[4], ARGV[7])
+if prior then
+  local mark = string.sub(prior, -2)
+  if mark == ' d' or mark == ' r' then
+    return {0, string.sub(prior, 1, -3)}
+  end
 end
-redis.call('PUBLISH', ARGV[5], ARGV[3])
+local tail = ' ' .. ARGV[8] .. ' ' .. ARGV[9]
+if #redis.call('ZRANGEBYSCORE', KEYS[1], seq, seq, 'LIMIT', 0, 1) > 0 then
+  redis.call('HSET', KEYS[4], ARGV[7], seq .. tail .. ' d')
+  return {0, seq .. tail}
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local keep = 256
+local late = false
+local above = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. seq, '+inf', 'LIMIT', 0, 1)
+if #above > 0 then
+  local at = tonumber(string.match(above[1], ':(%d+)$') or '0')
+  late = now - at >= tonumber(ARGV[10])
+  if not late and redis.call('ZCARD', KEYS[5]) >= keep then
+    local low = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+    late = seq < tonumber(low[2])
+  end
+end
+local final = seq
+local message, event = ARGV[2], ARGV[3]
+if late and redis.call('EXISTS', KEYS[3]) == 1 then
+  final = redis.call('INCR', KEYS[3])
+  local function with_seq(json)
+    local key = '"seq":' .. seq
+    local i, j = string.find(json, key, 1, true)
+    if not i then
+      return nil
+    end
+    return string.sub(json, 1, i - 1) .. '"seq":' .. final .. string.sub(json, j + 1)
+  end
+  message, event = with_seq(message), with_seq(event)
+  if not message or not event then
+    return redis.error_reply('DELIVER: the message has no seq ' .. seq)
+  end
+end
+redis.call('ZADD', KEYS[1], final, message)
+redis.call('PUBLISH', ARGV[5], event)
+redis.call('ZADD', KEYS[5], final, final .. ':' .. now)
+local published = redis.call('ZCARD', KEYS[5])
+if published > keep then
+  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, published - keep - 1)
+end
+redis.call('EXPIRE', KEYS[5], 600)
+local mark = ' d'
+if final ~= seq then
+  mark = ' r'
+end
+redis.call('HSET', KEYS[4], ARGV[7], final .. tail .. mark)
+redis.call('EXPIRE', KEYS[4], ARGV[11])
 local n = redis.call('ZCARD', KEYS[1])
 local size = tonumber(ARGV[4])
 if n > size then
@@ -79,8 +154,16 @@ if n > size then
   local cutoff = math.min(persisted - tonumber(ARGV[6]), tonumber(edge[2]))
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
 end
-return 1
-";
+if final ~= seq then
+  return {2, tostring(final)}
+end
+return {1, tostring(final)}
+"#;
+
+/// How late a message may be published under its own seq: well inside the
+/// rooms' hold-back, so every room that waited for it still does.
+const LATE: Duration = Duration::from_millis(500);
+const _: () = assert!(2 * LATE.as_millis() <= crate::actors::room::HOLD_BACK.as_millis());
 
 /// How long a message that could not be cached and published keeps trying.
 const DELIVER_RETRY_WINDOW: Duration = Duration::from_secs(120);
@@ -167,11 +250,9 @@ impl Inner {
         let (Some(seq), Some(id), Some(ts)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(ChatError::Internal(format!("bad accept answer `{value}`")));
         };
-        let message = ChatMessage {
+        let mut message = ChatMessage {
             room: msg.room,
-            seq: seq
-                .parse()
-                .map_err(|_| ChatError::Internal(format!("bad seq `{seq}`")))?,
+            seq: parse_seq(seq)?,
             id: id.to_string(),
             user: msg.user,
             text: msg.text,
@@ -180,60 +261,125 @@ impl Inner {
                 .map_err(|_| ChatError::Internal(format!("bad ts `{ts}`")))?,
             cid: msg.cid,
         };
-        if status == 0 {
-            // A repeated cid: when the first attempt is cached it is durable
-            // and delivered, and it is the answer as first stored.
-            let cached = self
-                .cached(&message.room, message.seq, message.seq, 1, false)
-                .await?;
-            if let Some(first) = cached.into_iter().find(|m| m.id == message.id) {
-                return Ok(Accepted {
-                    message: first,
-                    duplicate: true,
-                });
+        match status {
+            // A repeated cid that was published: it is durable and the
+            // answer is its id and seq. One published under a new seq is
+            // produced once more: the attempt that did so may have ended
+            // before Kafka confirmed the new seq.
+            2 => return Ok(Accepted::earlier(message)),
+            3 => {
+                self.produce(&message).await?;
+                return Ok(Accepted::earlier(message));
+            }
+            _ => {}
+        }
+        // New, or a repeated cid none of whose attempts was published yet
+        // (one may still be on its way, have failed, or its node died): it
+        // is produced with the first attempt's id and seq. MongoDB keeps
+        // one document per id, and the deliver script publishes a cid once.
+        self.produce(&message).await?;
+        match self.deliver(&message).await {
+            Ok(Delivery::Published) => Ok(Accepted {
+                message,
+                duplicate: status == 0,
+            }),
+            Ok(Delivery::Earlier(seq)) => {
+                message.seq = seq;
+                Ok(Accepted::earlier(message))
+            }
+            Ok(Delivery::Resequenced(seq)) => {
+                message.seq = seq;
+                if let Err(e) = self.produce(&message).await {
+                    // Published and durable, but Kafka has it only under
+                    // its first seq so far: keep producing the new one, and
+                    // let the client's retry learn the outcome.
+                    self.clone().produce_until_done(message);
+                    return Err(e);
+                }
+                Ok(Accepted {
+                    message,
+                    duplicate: status == 0,
+                })
+            }
+            Err(e) => {
+                // Durable, but not published, so its final seq is not
+                // known: the client hears `unavailable` and its retry gets
+                // the answer. Publishing is retried until Redis is back, so
+                // the message reaches the rooms and history even without a
+                // retry.
+                log::warn!(
+                    "Message {} of {} is durable but was not relayed: {e:?}; retrying.",
+                    message.seq,
+                    message.room
+                );
+                let retry = self.clone();
+                actix::spawn(async move { retry.deliver_until_done(message).await });
+                Err(e)
             }
         }
-        // Otherwise it is produced again with its first id and seq: the
-        // first attempt may not have reached Kafka. MongoDB and every
-        // client keep it once.
+    }
+
+    /// Step (2): waits for Kafka's delivery report.
+    async fn produce(&self, message: &ChatMessage) -> Result<(), ChatError> {
         self.sink
             .send(Produce {
                 message: message.clone(),
             })
             .await
-            .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))??;
-        if let Err(e) = self.deliver(&message).await {
-            // Durable already, so it is acked. Caching and publishing are
-            // retried until Redis is back, so history reads from the cache
-            // and the rooms' backfill find it.
-            log::warn!(
-                "Message {} of {} is durable but was not relayed: {e:?}; retrying.",
-                message.seq,
-                message.room
+            .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))?
+    }
+
+    /// Step (2) again, with backoff, for a message published under a new
+    /// seq, until Kafka has it under that seq or the retry window ends.
+    fn produce_until_done(self: Arc<Self>, message: ChatMessage) {
+        actix::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            let started = std::time::Instant::now();
+            while started.elapsed() < DELIVER_RETRY_WINDOW {
+                tokio::time::sleep(backoff).await;
+                if self.produce(&message).await.is_ok() {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            log::error!(
+                "Message {} of {} ({}) was published under seq {} but Kafka never confirmed it; \
+                 MongoDB keeps its first seq.",
+                message.id,
+                message.room,
+                message.cid,
+                message.seq
             );
-            let retry = self.clone();
-            let late = message.clone();
-            actix::spawn(async move { retry.deliver_until_done(late).await });
-        }
-        Ok(Accepted {
-            message,
-            duplicate: status == 0,
-        })
+        });
     }
 
     /// Step (3) again, with backoff, until it works or the retry window
     /// ends (then MongoDB, which holds the message from the log, answers
     /// history for it).
-    async fn deliver_until_done(&self, message: ChatMessage) {
+    async fn deliver_until_done(self: Arc<Self>, mut message: ChatMessage) {
         let mut backoff = Duration::from_millis(200);
         let started = std::time::Instant::now();
         while started.elapsed() < DELIVER_RETRY_WINDOW {
             tokio::time::sleep(backoff).await;
-            if self.deliver(&message).await.is_ok() {
-                log::info!("Message {} of {} relayed late.", message.seq, message.room);
-                return;
+            match self.deliver(&message).await {
+                Ok(Delivery::Published | Delivery::Earlier(_)) => {
+                    log::info!("Message {} of {} relayed late.", message.seq, message.room);
+                    return;
+                }
+                Ok(Delivery::Resequenced(seq)) => {
+                    log::info!(
+                        "Message {} of {} relayed late as {seq}.",
+                        message.seq,
+                        message.room
+                    );
+                    message.seq = seq;
+                    if self.produce(&message).await.is_err() {
+                        self.produce_until_done(message);
+                    }
+                    return;
+                }
+                Err(_) => backoff = (backoff * 2).min(Duration::from_secs(2)),
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         log::warn!(
             "Message {} of {} was never relayed; it is stored from the log.",
@@ -242,8 +388,8 @@ impl Inner {
         );
     }
 
-    /// Step (3): cache and publish.
-    async fn deliver(&self, message: &ChatMessage) -> Result<(), ChatError> {
+    /// Step (3): cache and publish, once per cid (see [`DELIVER`]).
+    async fn deliver(&self, message: &ChatMessage) -> Result<Delivery, ChatError> {
         let json =
             serde_json::to_string(message).map_err(|e| ChatError::Internal(e.to_string()))?;
         let event = serde_json::to_string(&Event::Msg {
@@ -252,20 +398,34 @@ impl Inner {
         })
         .map_err(|e| ChatError::Internal(e.to_string()))?;
         let mut conn = self.redis.clone();
-        let _: i64 = self
+        let (status, value): (i64, String) = self
             .deliver
             .key(keys::recent(&message.room))
             .key(keys::persisted(&message.room))
+            .key(keys::seq(&message.room))
+            .key(keys::cids(&message.room))
+            .key(keys::published(&message.room))
             .arg(message.seq)
             .arg(json)
             .arg(event)
             .arg(self.settings.cache_size)
             .arg(keys::channel(&message.room))
             .arg(TRIM_MARGIN)
+            .arg(format!("{}:{}", message.user.id, message.cid))
+            .arg(&message.id)
+            .arg(message.ts)
+            .arg(LATE.as_millis() as u64)
+            .arg(self.settings.cid_ttl_secs)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable("redis"))?;
-        Ok(())
+        let seq = parse_seq(value.split(' ').next().unwrap_or_default())?;
+        Ok(match status {
+            0 => Delivery::Earlier(seq),
+            2 => Delivery::Resequenced(seq),
+            _ if seq == message.seq => Delivery::Published,
+            _ => return Err(ChatError::Internal(format!("bad deliver answer `{value}`"))),
+        })
     }
 
     /// Starts a room's seq above everything durable: what MongoDB holds,
@@ -504,10 +664,30 @@ impl Inner {
     }
 }
 
+/// What the deliver script did with a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivery {
+    /// Published under its seq.
+    Published,
+    /// Another attempt of its cid was published, under this seq.
+    Earlier(u64),
+    /// It came late and was published under this new seq.
+    Resequenced(u64),
+}
+
+fn parse_seq(text: &str) -> Result<u64, ChatError> {
+    text.parse()
+        .map_err(|_| ChatError::Internal(format!("bad seq `{text}`")))
+}
+
 /// Joins two ascending lists by seq, dropping duplicates, and keeps
-/// `limit` of them: the lowest, or the highest when `newest`.
+/// `limit` of them: the lowest, or the highest when `newest`. A message
+/// found under two seqs (published late under a new one while MongoDB
+/// still has its first) is kept under the higher.
 fn merge(a: Vec<ChatMessage>, b: Vec<ChatMessage>, limit: usize, newest: bool) -> Vec<ChatMessage> {
     let mut all: Vec<ChatMessage> = a.into_iter().chain(b).collect();
+    all.sort_by(|x, y| x.id.cmp(&y.id).then(y.seq.cmp(&x.seq)));
+    all.dedup_by(|m, kept| m.id == kept.id);
     all.sort_by_key(|m| m.seq);
     all.dedup_by_key(|m| m.seq);
     if newest {
@@ -614,5 +794,23 @@ mod tests {
         );
         assert_eq!(seqs(merge(a.clone(), b.clone(), 2, false)), vec![1, 2]);
         assert_eq!(seqs(merge(a, b, 2, true)), vec![3, 4]);
+    }
+
+    #[test]
+    fn merge_keeps_a_message_under_its_highest_seq() {
+        let first = m(2);
+        let mut moved = m(5);
+        moved.id = first.id.clone();
+        let seqs = |v: Vec<ChatMessage>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(merge(
+                vec![m(1), first.clone(), m(3)],
+                vec![m(4), moved.clone()],
+                10,
+                false
+            )),
+            vec![1, 3, 4, 5]
+        );
+        assert_eq!(seqs(merge(vec![moved], vec![first], 10, true)), vec![5]);
     }
 }

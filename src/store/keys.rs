@@ -11,9 +11,17 @@ pub fn seq(room: &str) -> String {
     format!("chat:{{{room}}}:seq")
 }
 
-/// Hash of accepted cids: field `<user id>:<cid>`, value `<seq> <id> <ts>`.
+/// Hash of accepted cids: field `<user id>:<cid>`, value `<seq> <id> <ts>`
+/// while the message is on its way, with ` d` appended once it was
+/// published, or ` r` when it was published under a new seq (the value's).
 pub fn cids(room: &str) -> String {
     format!("chat:{{{room}}}:cids")
+}
+
+/// Sorted set of the seqs published lately (score = seq, member =
+/// `<seq>:<ms since the epoch>`): tells how long ago a seq was passed.
+pub fn published(room: &str) -> String {
+    format!("chat:{{{room}}}:published")
 }
 
 /// Sorted set of recent messages (score = seq, member = message JSON).

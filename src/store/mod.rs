@@ -29,6 +29,16 @@ pub struct Accepted {
     pub duplicate: bool,
 }
 
+impl Accepted {
+    /// The answer to a repeated `cid` whose earlier attempt was stored.
+    pub fn earlier(message: ChatMessage) -> Self {
+        Self {
+            message,
+            duplicate: true,
+        }
+    }
+}
+
 /// A page of history in ascending `seq`.
 #[derive(Debug, Clone, Default)]
 pub struct Page {
