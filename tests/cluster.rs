@@ -1155,6 +1155,84 @@ async fn a_retry_after_later_messages_is_delivered_live_under_a_new_seq() {
     cluster.cleanup().await;
 }
 
+/// 7c. A client joins with `since` while a node's room holds messages back
+/// for a lower seq still on its way. The store already has the higher
+/// ones, but the replay stops where the room's deliveries stand: the
+/// missing one, when it comes, is delivered before them, to every client.
+#[tokio::test]
+async fn a_join_during_a_hold_back_gets_the_missing_seq_in_order() {
+    let mut cluster = Cluster::start(2).await;
+    let room = cluster.room("held");
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (token, ann) = a.guest("ann").await;
+    let mut ann_a = a.connect(&token).await;
+    let (mut ob, _, _) = b.user("ob").await;
+    ann_a.join(&room).await;
+    ob.join(&room).await;
+    let first = ann_a.send_acked(&room, "first", "first").await;
+    let first_seq = first["seq"].as_u64().unwrap();
+    ob.recv_until_pred(|v| v["op"] == "msg" && v["cid"] == "first")
+        .await;
+
+    // A seq accepted (by ann's send of `slow`) whose produce is still on
+    // its way: what the accept script leaves in Redis.
+    let redis = redis::Client::open(cluster.opts.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let slow_seq: u64 = redis::cmd("INCR")
+        .arg(keys::seq(&room))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(slow_seq, first_seq + 1);
+    let slow_id = ulid::Ulid::new().to_string();
+    let _: () = redis::cmd("HSET")
+        .arg(keys::cids(&room))
+        .arg(format!("{}:slow", ann["id"].as_str().unwrap()))
+        .arg(format!("{slow_seq} {slow_id} {}", now_ms()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for cid in ["next-1", "next-2"] {
+        ann_a.send_acked(&room, &text_of(cid), cid).await;
+    }
+    // Node b holds next-1 and next-2 back, waiting for the slow seq; a
+    // client joins there now.
+    let (mut late, _, _) = b.user("late").await;
+    let (replayed, _) = late.join_since(&room, first_seq).await;
+    let (ack, _) = ann_a.send_msg(&room, &text_of("slow"), "slow").await;
+    assert_eq!(
+        ack["seq"].as_u64(),
+        Some(slow_seq),
+        "the produce came within the hold-back, so it keeps its seq: {ack}"
+    );
+    let want: BTreeSet<String> = ["slow", "next-1", "next-2"].map(String::from).into();
+    for (c, who, earlier) in [(&mut ob, "ob", Vec::new()), (&mut late, "late", replayed)] {
+        let replayed: BTreeSet<String> = earlier
+            .iter()
+            .map(|m| m["cid"].as_str().unwrap().to_string())
+            .collect();
+        let rest: BTreeSet<String> = want.difference(&replayed).cloned().collect();
+        let mut seen = read_until(
+            c,
+            who,
+            &room,
+            &rest,
+            &BTreeSet::new(),
+            Duration::from_secs(5),
+        )
+        .await;
+        seen.msgs.splice(0..0, earlier);
+        assert_eq!(
+            seen.seqs(),
+            vec![slow_seq, slow_seq + 1, slow_seq + 2],
+            "{who}: {:?}",
+            seen.msgs
+        );
+        assert_no_more_msgs(c, who, &room).await;
+    }
+    cluster.cleanup().await;
+}
+
 /// 8. `/readyz` of a cluster node names Redis, Kafka and MongoDB as ok.
 #[tokio::test]
 async fn readyz_names_every_cluster_service() {

@@ -14,7 +14,7 @@ use futures_util::future::join_all;
 
 use super::redis_bridge::{Event, RedisBridge, Unsubscribe};
 use super::room::{
-    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, LeaveRoom, Remote, Room, TypingIn,
+    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, Joined, LeaveRoom, Remote, Room, TypingIn,
 };
 use super::session::{SessionOutbox, Shutdown};
 use crate::metrics::Metrics;
@@ -39,7 +39,7 @@ pub struct Disconnect {
 
 /// A session joins a room; answers the room's members after the join.
 #[derive(Message)]
-#[rtype(result = "Vec<User>")]
+#[rtype(result = "Joined")]
 pub struct Join {
     pub session_id: u64,
     pub user: User,
@@ -184,7 +184,7 @@ impl Handler<Disconnect> for RoomRegistry {
 }
 
 impl Handler<Join> for RoomRegistry {
-    type Result = ResponseFuture<Vec<User>>;
+    type Result = ResponseFuture<Joined>;
     fn handle(&mut self, msg: Join, _: &mut Context<Self>) -> Self::Result {
         let entry = self.rooms.entry(msg.room.clone()).or_insert_with(|| {
             let room = Room::new(

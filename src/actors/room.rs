@@ -29,13 +29,26 @@ const BACKFILL_PAGE: usize = 500;
 /// one per arrival.
 const PRESENCE_WINDOW: Duration = Duration::from_millis(50);
 
-/// A session joins; answers the members (distinct users) after the join.
+/// A session joins; answers the members (distinct users) after the join,
+/// and the highest seq delivered before it.
 #[derive(Message)]
-#[rtype(result = "Vec<User>")]
+#[rtype(result = "Joined")]
 pub struct JoinRoom {
     pub session_id: u64,
     pub user: User,
     pub outbox: Arc<SessionOutbox>,
+}
+
+/// The answer to a join.
+#[derive(Debug, Default)]
+pub struct Joined {
+    pub members: Vec<User>,
+    /// The highest seq the room delivered before the session joined
+    /// (`None` before it knows where its history ends). Every later
+    /// delivery reaches the session; a replay must stop here, because a
+    /// lower seq may still be on its way (held back or in flight), and the
+    /// session would drop it once it wrote a higher one.
+    pub delivered: Option<u64>,
 }
 
 /// A session leaves (or disconnected).
@@ -416,7 +429,10 @@ impl Handler<JoinRoom> for Room {
                 outbox: msg.outbox,
             },
         );
-        MessageResult(self.member_list())
+        MessageResult(Joined {
+            members: self.member_list(),
+            delivered: self.gate.delivered,
+        })
     }
 }
 

@@ -211,6 +211,15 @@ enum RoomState {
     Live { last: u64 },
 }
 
+/// A join's replay: the room, where it stops (the highest seq the room had
+/// delivered when the session joined; later ones come live) and the members
+/// for `joined`.
+struct Replay {
+    room: String,
+    upto: Option<u64>,
+    members: Vec<User>,
+}
+
 /// A message split in continuation frames, being put together.
 struct Partial {
     text: bool,
@@ -439,14 +448,23 @@ impl WsSession {
         let joined = self.rooms.len();
         match self.rooms.get_mut(&room) {
             Some(state) => {
-                // Joined already: replay again if asked, then `joined`.
-                if matches!(state, RoomState::Live { .. }) {
+                // Joined already: replay again if asked, up to what was
+                // written live, then `joined`.
+                let upto = match *state {
+                    RoomState::Live { last } => Some(last),
+                    RoomState::Replaying { .. } => None,
+                };
+                if upto.is_some() {
                     *state = RoomState::Replaying { held: Vec::new() };
                 }
                 let members = self.app.registry.send(Members { room: room.clone() });
                 ctx.wait(members.into_actor(self).map(move |members, act, ctx| {
-                    let members = members.unwrap_or_default();
-                    act.replay(room, since.unwrap_or(0), since.is_some(), members, ctx);
+                    let plan = Replay {
+                        room,
+                        upto,
+                        members: members.unwrap_or_default(),
+                    };
+                    act.replay(plan, since.unwrap_or(0), since.is_some(), ctx);
                 }));
             }
             None if joined >= max_rooms => {
@@ -463,40 +481,53 @@ impl WsSession {
                     outbox: self.outbox.clone(),
                 });
                 // Wait: frames after this join must see it done.
-                ctx.wait(join.into_actor(self).map(move |members, act, ctx| {
-                    let members = members.unwrap_or_default();
-                    act.replay(room, since.unwrap_or(0), since.is_some(), members, ctx);
+                ctx.wait(join.into_actor(self).map(move |joined, act, ctx| {
+                    let joined = joined.unwrap_or_default();
+                    let plan = Replay {
+                        room,
+                        upto: joined.delivered,
+                        members: joined.members,
+                    };
+                    act.replay(plan, since.unwrap_or(0), since.is_some(), ctx);
                 }));
             }
         }
     }
 
-    /// Writes every stored message after `cursor` (when `replay` is asked),
-    /// a page at a time, then `joined`, then the live messages held
-    /// meanwhile that the replay did not cover.
+    /// Writes every stored message after `cursor` up to `plan.upto` (when
+    /// `replay` is asked), a page at a time, then `joined`, then the live
+    /// messages held meanwhile that the replay did not cover.
     fn replay(
         &mut self,
-        room: String,
+        plan: Replay,
         cursor: u64,
         replay: bool,
-        members: Vec<User>,
         ctx: &mut WebsocketContext<Self>,
     ) {
         if !replay {
-            let last = self.app.store.last_seq(&room);
+            let last = self.app.store.last_seq(&plan.room);
             ctx.spawn(last.into_actor(self).map(move |last, act, ctx| match last {
-                Ok(last_seq) => act.finish_join(&room, 0, last_seq, &members, ctx),
-                Err(e) => act.fail_join(&room, &e, ctx),
+                Ok(last_seq) => act.finish_join(&plan.room, 0, last_seq, &plan.members, ctx),
+                Err(e) => act.fail_join(&plan.room, &e, ctx),
             }));
             return;
         }
-        let page = self.app.store.after(&room, cursor, REPLAY_PAGE);
+        if plan.upto.is_some_and(|upto| cursor >= upto) {
+            self.write_replay(plan, VecDeque::new(), false, cursor, ctx);
+            return;
+        }
+        let page = self.app.store.after(&plan.room, cursor, REPLAY_PAGE);
         ctx.spawn(page.into_actor(self).map(move |page, act, ctx| match page {
-            Ok(page) => {
-                let full = page.len() == REPLAY_PAGE;
-                act.write_replay(room, page.into(), full, cursor, members, ctx);
+            Ok(mut page) => {
+                let mut full = page.len() == REPLAY_PAGE;
+                if let Some(upto) = plan.upto {
+                    let fetched = page.len();
+                    page.retain(|m| m.seq <= upto);
+                    full &= page.len() == fetched;
+                }
+                act.write_replay(plan, page.into(), full, cursor, ctx);
             }
-            Err(e) => act.fail_join(&room, &e, ctx),
+            Err(e) => act.fail_join(&plan.room, &e, ctx),
         }));
     }
 
@@ -504,14 +535,13 @@ impl WsSession {
     /// under the soft limit), waiting for it to drain when it does not.
     fn write_replay(
         &mut self,
-        room: String,
+        plan: Replay,
         mut page: VecDeque<ChatMessage>,
         full: bool,
         mut cursor: u64,
-        members: Vec<User>,
         ctx: &mut WebsocketContext<Self>,
     ) {
-        if !self.rooms.contains_key(&room) {
+        if !self.rooms.contains_key(&plan.room) {
             return; // left meanwhile
         }
         while self.outbox.queued.load(Relaxed) <= self.outbox.soft {
@@ -524,15 +554,15 @@ impl WsSession {
         }
         if !page.is_empty() {
             ctx.run_later(REPLAY_BACKOFF, move |act, ctx| {
-                act.write_replay(room, page, full, cursor, members, ctx);
+                act.write_replay(plan, page, full, cursor, ctx);
             });
         } else if full {
-            self.replay(room, cursor, true, members, ctx);
+            self.replay(plan, cursor, true, ctx);
         } else {
-            let last = self.app.store.last_seq(&room);
+            let last = self.app.store.last_seq(&plan.room);
             ctx.spawn(last.into_actor(self).map(move |last, act, ctx| {
                 let last_seq = last.unwrap_or(cursor);
-                act.finish_join(&room, cursor, last_seq, &members, ctx);
+                act.finish_join(&plan.room, cursor, last_seq, &plan.members, ctx);
             }));
         }
     }
