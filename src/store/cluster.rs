@@ -165,6 +165,10 @@ return {1, tostring(final)}
 const LATE: Duration = Duration::from_millis(500);
 const _: () = assert!(2 * LATE.as_millis() <= crate::actors::room::HOLD_BACK.as_millis());
 
+/// How long a sender waits for the publish of its durable message while
+/// Redis does not answer, before it hears `unavailable`.
+const DELIVER_WAIT: Duration = Duration::from_secs(6);
+
 /// How long a message that could not be cached and published keeps trying.
 const DELIVER_RETRY_WINDOW: Duration = Duration::from_secs(120);
 
@@ -278,7 +282,7 @@ impl Inner {
         // is produced with the first attempt's id and seq. MongoDB keeps
         // one document per id, and the deliver script publishes a cid once.
         self.produce(&message).await?;
-        match self.deliver(&message).await {
+        match self.deliver_within(&message, DELIVER_WAIT).await {
             Ok(Delivery::Published) => Ok(Accepted {
                 message,
                 duplicate: status == 0,
@@ -304,9 +308,10 @@ impl Inner {
             Err(e) => {
                 // Durable, but not published, so its final seq is not
                 // known: the client hears `unavailable` and its retry gets
-                // the answer. Publishing is retried until Redis is back, so
-                // the message reaches the rooms and history even without a
-                // retry.
+                // the answer (unless Redis lost the cid meanwhile: then the
+                // retry is a second message). Publishing is retried until
+                // Redis is back, so the message reaches the rooms and
+                // history even without a retry.
                 log::warn!(
                     "Message {} of {} is durable but was not relayed: {e:?}; retrying.",
                     message.seq,
@@ -315,6 +320,32 @@ impl Inner {
                 let retry = self.clone();
                 actix::spawn(async move { retry.deliver_until_done(message).await });
                 Err(e)
+            }
+        }
+    }
+
+    /// Step (3), retried with backoff for up to `wait`: the sender waits
+    /// through a short Redis outage for the final seq of a message that is
+    /// durable already.
+    async fn deliver_within(
+        &self,
+        message: &ChatMessage,
+        wait: Duration,
+    ) -> Result<Delivery, ChatError> {
+        let started = std::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.deliver(message).await {
+                Err(e) if started.elapsed() + backoff < wait => {
+                    log::debug!(
+                        "Publishing message {} of {} failed: {e:?}; retrying.",
+                        message.seq,
+                        message.room
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                done => return done,
             }
         }
     }
