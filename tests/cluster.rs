@@ -291,6 +291,34 @@ async fn post_message(node: &Node, token: &str, room: &str, text: &str, cid: &st
     (status, body)
 }
 
+/// What a node leaves in Redis when it accepts a `send` of `cid` by `user`
+/// (gives it the room's next seq and an id) and then dies, or is still
+/// waiting for Kafka: the message is neither produced nor published.
+/// Returns its seq and id.
+async fn accepted_not_published(
+    opts: &ClusterOpts,
+    room: &str,
+    user: &Value,
+    cid: &str,
+) -> (u64, String) {
+    let redis = redis::Client::open(opts.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let seq: u64 = redis::cmd("INCR")
+        .arg(keys::seq(room))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id = ulid::Ulid::new().to_string();
+    let _: () = redis::cmd("HSET")
+        .arg(keys::cids(room))
+        .arg(format!("{}:{cid}", user["id"].as_str().unwrap()))
+        .arg(format!("{seq} {id} {}", now_ms()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (seq, id)
+}
+
 /// The presence frame of `room` that `c` gets next (other frames skipped).
 async fn next_presence(c: &mut Client, room: &str) -> Value {
     c.recv_until_pred(|v| v["op"] == "presence" && v["room"] == room)
@@ -1041,24 +1069,8 @@ async fn a_retry_after_later_messages_is_delivered_live_under_a_new_seq() {
     }
     ann_b.send_acked(&room, "first", "first").await;
 
-    // What a node that dies right after accepting leaves in Redis: the
-    // cid with its seq and id, never produced nor published.
-    let redis = redis::Client::open(cluster.opts.redis_url.as_str()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let lost_seq: u64 = redis::cmd("INCR")
-        .arg(keys::seq(&room))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let lost_id = ulid::Ulid::new().to_string();
-    let field = format!("{}:lost", ann["id"].as_str().unwrap());
-    let _: () = redis::cmd("HSET")
-        .arg(keys::cids(&room))
-        .arg(&field)
-        .arg(format!("{lost_seq} {lost_id} {}", now_ms()))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // A node accepted ann's `lost` and died.
+    let (lost_seq, lost_id) = accepted_not_published(&cluster.opts, &room, &ann, "lost").await;
 
     let later: Vec<String> = vec!["later-1".into(), "later-2".into()];
     send_all(&mut ann_b, &room, &later).await;
@@ -1155,48 +1167,50 @@ async fn a_retry_after_later_messages_is_delivered_live_under_a_new_seq() {
     cluster.cleanup().await;
 }
 
-/// 7c. A client joins with `since` while a node's room holds messages back
+/// 7c. A client joins with `since` while node b's room holds messages back
 /// for a lower seq still on its way. The store already has the higher
 /// ones, but the replay stops where the room's deliveries stand: the
 /// missing one, when it comes, is delivered before them, to every client.
 #[tokio::test]
 async fn a_join_during_a_hold_back_gets_the_missing_seq_in_order() {
+    join_while_a_seq_is_on_its_way(true).await;
+}
+
+/// 7d. The same when the join starts the room on node b: the room starts
+/// below the missing seq, not at the highest one stored.
+#[tokio::test]
+async fn a_room_started_while_a_seq_is_on_its_way_delivers_it_in_order() {
+    join_while_a_seq_is_on_its_way(false).await;
+}
+
+async fn join_while_a_seq_is_on_its_way(room_already_on_b: bool) {
     let mut cluster = Cluster::start(2).await;
     let room = cluster.room("held");
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let (token, ann) = a.guest("ann").await;
     let mut ann_a = a.connect(&token).await;
-    let (mut ob, _, _) = b.user("ob").await;
     ann_a.join(&room).await;
-    ob.join(&room).await;
+    let mut ob = None;
+    if room_already_on_b {
+        let (mut c, _, _) = b.user("ob").await;
+        c.join(&room).await;
+        ob = Some(c);
+    }
     let first = ann_a.send_acked(&room, "first", "first").await;
     let first_seq = first["seq"].as_u64().unwrap();
-    ob.recv_until_pred(|v| v["op"] == "msg" && v["cid"] == "first")
-        .await;
+    if let Some(c) = ob.as_mut() {
+        c.recv_until_pred(|v| v["op"] == "msg" && v["cid"] == "first")
+            .await;
+    }
 
-    // A seq accepted (by ann's send of `slow`) whose produce is still on
-    // its way: what the accept script leaves in Redis.
-    let redis = redis::Client::open(cluster.opts.redis_url.as_str()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let slow_seq: u64 = redis::cmd("INCR")
-        .arg(keys::seq(&room))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // Ann's `slow` is accepted, its produce still on its way; two later
+    // messages go through meanwhile.
+    let (slow_seq, _) = accepted_not_published(&cluster.opts, &room, &ann, "slow").await;
     assert_eq!(slow_seq, first_seq + 1);
-    let slow_id = ulid::Ulid::new().to_string();
-    let _: () = redis::cmd("HSET")
-        .arg(keys::cids(&room))
-        .arg(format!("{}:slow", ann["id"].as_str().unwrap()))
-        .arg(format!("{slow_seq} {slow_id} {}", now_ms()))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     for cid in ["next-1", "next-2"] {
         ann_a.send_acked(&room, &text_of(cid), cid).await;
     }
-    // Node b holds next-1 and next-2 back, waiting for the slow seq; a
-    // client joins there now.
+    // A client joins on node b now, within the rooms' hold-back.
     let (mut late, _, _) = b.user("late").await;
     let (replayed, _) = late.join_since(&room, first_seq).await;
     let (ack, _) = ann_a.send_msg(&room, &text_of("slow"), "slow").await;
@@ -1206,14 +1220,18 @@ async fn a_join_during_a_hold_back_gets_the_missing_seq_in_order() {
         "the produce came within the hold-back, so it keeps its seq: {ack}"
     );
     let want: BTreeSet<String> = ["slow", "next-1", "next-2"].map(String::from).into();
-    for (c, who, earlier) in [(&mut ob, "ob", Vec::new()), (&mut late, "late", replayed)] {
+    let mut clients = vec![(late, "late", replayed)];
+    if let Some(c) = ob {
+        clients.push((c, "ob", Vec::new()));
+    }
+    for (mut c, who, earlier) in clients {
         let replayed: BTreeSet<String> = earlier
             .iter()
             .map(|m| m["cid"].as_str().unwrap().to_string())
             .collect();
         let rest: BTreeSet<String> = want.difference(&replayed).cloned().collect();
         let mut seen = read_until(
-            c,
+            &mut c,
             who,
             &room,
             &rest,
@@ -1228,7 +1246,7 @@ async fn a_join_during_a_hold_back_gets_the_missing_seq_in_order() {
             "{who}: {:?}",
             seen.msgs
         );
-        assert_no_more_msgs(c, who, &room).await;
+        assert_no_more_msgs(&mut c, who, &room).await;
     }
     cluster.cleanup().await;
 }

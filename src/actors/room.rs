@@ -381,15 +381,23 @@ impl Actor for Room {
                 }
                 None => Vec::new(),
             };
-            (remote, store.last_seq(&room).await)
+            let gap = store.open_gap(&room).await;
+            (remote, store.last_seq(&room).await, gap)
         };
-        ctx.wait(ready.into_actor(self).map(|(remote, last), act, _| {
+        ctx.wait(ready.into_actor(self).map(|(remote, last, gap), act, ctx| {
             for (node, user) in remote {
                 act.add_remote(node, user);
             }
-            match last {
-                Ok(last) => act.gate.delivered = Some(last),
-                Err(e) => log::warn!("Room {} cannot read its last seq: {e:?}.", act.name),
+            match (last, gap) {
+                // A lower seq may still come: start below it, and take what
+                // was published above it (before the subscription) from the
+                // store; the gate holds that until the missing one comes.
+                (Ok(last), Ok(Some(below))) if below < last => {
+                    act.gate.delivered = Some(below);
+                    act.backfill(ctx);
+                }
+                (Ok(last), _) => act.gate.delivered = Some(last),
+                (Err(e), _) => log::warn!("Room {} cannot read its last seq: {e:?}.", act.name),
             }
         }));
         // Release held messages whose missing predecessors never came.

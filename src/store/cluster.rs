@@ -160,6 +160,28 @@ end
 return {1, tostring(final)}
 "#;
 
+/// Finds the first seq missing among the recently published ones whose next
+/// higher one went out less than `late` ms ago (so it may still come and be
+/// published under its own seq): KEYS published; ARGV late (ms). Returns
+/// the seq published below it, or -1 when there is no such gap.
+const OPEN_GAP: &str = r"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local prev = nil
+for i = 1, #entries, 2 do
+  local seq = tonumber(entries[i + 1])
+  if prev and seq > prev + 1 then
+    local at = tonumber(string.match(entries[i], ':(%d+)$') or '0')
+    if now - at < tonumber(ARGV[1]) then
+      return prev
+    end
+  end
+  prev = seq
+end
+return -1
+";
+
 /// How late a message may be published under its own seq: well inside the
 /// rooms' hold-back, so every room that waited for it still does.
 const LATE: Duration = Duration::from_millis(500);
@@ -184,6 +206,7 @@ struct Inner {
     accept: Script,
     seed: Script,
     deliver: Script,
+    open_gap: Script,
     /// One seeding at a time per room on this node: the first sends of a
     /// new room all find it unseeded, and one look at the durable tail is
     /// enough for all of them.
@@ -218,6 +241,7 @@ impl ClusterStore {
                 accept: Script::new(ACCEPT),
                 seed: Script::new(SEED),
                 deliver: Script::new(DELIVER),
+                open_gap: Script::new(OPEN_GAP),
                 seeding: std::sync::Mutex::new(HashMap::new()),
             }),
         }
@@ -652,6 +676,18 @@ impl Inner {
         self.mongo.max_seq(room).await
     }
 
+    async fn open_gap(&self, room: &str) -> Result<Option<u64>, ChatError> {
+        let mut conn = self.redis.clone();
+        let below: i64 = self
+            .open_gap
+            .key(keys::published(room))
+            .arg(LATE.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable("redis"))?;
+        Ok(u64::try_from(below).ok())
+    }
+
     async fn rooms(&self) -> Result<Vec<(String, u64)>, ChatError> {
         let mut conn = self.redis.clone();
         let names: Vec<String> = conn
@@ -762,6 +798,12 @@ impl MessageStore for ClusterStore {
         let inner = self.inner.clone();
         let room = room.to_string();
         async move { inner.last_seq(&room).await }.boxed()
+    }
+
+    fn open_gap(&self, room: &str) -> BoxFuture<'static, Result<Option<u64>, ChatError>> {
+        let inner = self.inner.clone();
+        let room = room.to_string();
+        async move { inner.open_gap(&room).await }.boxed()
     }
 
     fn rooms(&self) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>> {

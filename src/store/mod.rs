@@ -82,6 +82,15 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The highest `seq` of a room, 0 for an empty room.
     fn last_seq(&self, room: &str) -> BoxFuture<'static, Result<u64, ChatError>>;
 
+    /// When a lower `seq` of the room may still be on its way to the nodes
+    /// although higher ones were published (cluster mode, for up to half a
+    /// second), the highest `seq` below the first such one. A room that
+    /// starts delivering must start there, not at `last_seq`, or it would
+    /// drop the missing one when it comes.
+    fn open_gap(&self, _room: &str) -> BoxFuture<'static, Result<Option<u64>, ChatError>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Every room with messages and its last `seq`.
     fn rooms(&self) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>>;
 
