@@ -23,6 +23,9 @@ use crate::store::MessageStore;
 pub const HOLD_BACK: Duration = Duration::from_secs(1);
 /// Messages read per step when a room backfills after a relay gap.
 const BACKFILL_PAGE: usize = 500;
+/// Reads a backfill tries, and the pause between them.
+const BACKFILL_ATTEMPTS: u32 = 10;
+const BACKFILL_RETRY: Duration = Duration::from_millis(500);
 /// How long presence changes are gathered before one `presence` frame
 /// tells the members about all of them: when many join at once (a node
 /// restarts and its clients come back) each member gets a few frames, not
@@ -177,6 +180,9 @@ pub struct Room {
     /// A flush of `presence_changes` is scheduled.
     presence_flush: bool,
     gate: SeqGate,
+    /// A backfill is reading the store; another is to follow it.
+    backfilling: bool,
+    backfill_again: bool,
     store: Arc<dyn MessageStore>,
     bridge: Option<Addr<RedisBridge>>,
     metrics: Arc<Metrics>,
@@ -200,6 +206,8 @@ impl Room {
             presence_changes: HashMap::new(),
             presence_flush: false,
             gate: SeqGate::default(),
+            backfilling: false,
+            backfill_again: false,
             store,
             bridge,
             metrics,
@@ -336,25 +344,50 @@ impl Room {
     }
 
     /// Reads stored messages after the last delivered seq, a page at a
-    /// time, into the gate.
+    /// time, into the gate. While it reads, the gate gives up no missing
+    /// seq: the store may hold it.
     fn backfill(&mut self, ctx: &mut Context<Self>) {
-        let Some(from) = self.gate.delivered else {
+        if self.backfilling {
+            // The running one may have read before what is asked for now.
+            self.backfill_again = true;
             return;
-        };
+        }
+        if let Some(from) = self.gate.delivered {
+            self.backfill_from(from, 1, ctx);
+        }
+    }
+
+    fn backfill_from(&mut self, from: u64, attempt: u32, ctx: &mut Context<Self>) {
+        self.backfilling = true;
         let page = self.store.after(&self.name, from, BACKFILL_PAGE);
-        ctx.spawn(page.into_actor(self).map(|page, act, ctx| match page {
-            Ok(page) => {
-                let more = page.len() == BACKFILL_PAGE;
-                let now = Instant::now();
-                for m in &page {
-                    let ready = act.gate.offer(m.seq, frames::msg(m).into(), now);
-                    act.fan_out(ready);
+        ctx.spawn(page.into_actor(self).map(move |page, act, ctx| {
+            match page {
+                Ok(page) => {
+                    let now = Instant::now();
+                    for m in &page {
+                        let ready = act.gate.offer(m.seq, frames::msg(m).into(), now);
+                        act.fan_out(ready);
+                    }
+                    if let (true, Some(last)) = (page.len() == BACKFILL_PAGE, page.last()) {
+                        act.backfill_from(last.seq, 1, ctx);
+                        return;
+                    }
                 }
-                if more {
-                    act.backfill(ctx);
+                // Right after a reconnect the store's own connection may
+                // not be back yet.
+                Err(e) if attempt < BACKFILL_ATTEMPTS => {
+                    log::info!("Backfill of {} failed: {e:?}; retrying.", act.name);
+                    ctx.run_later(BACKFILL_RETRY, move |act, ctx| {
+                        act.backfill_from(from, attempt + 1, ctx);
+                    });
+                    return;
                 }
+                Err(e) => log::warn!("Backfill of {} failed {attempt} times: {e:?}.", act.name),
             }
-            Err(e) => log::warn!("Backfill of {} failed: {e:?}.", act.name),
+            act.backfilling = false;
+            if std::mem::take(&mut act.backfill_again) {
+                act.backfill(ctx);
+            }
         }));
     }
 }
@@ -402,7 +435,7 @@ impl Actor for Room {
         }));
         // Release held messages whose missing predecessors never came.
         ctx.run_interval(HOLD_BACK / 5, |act, _| {
-            if !act.gate.held.is_empty() {
+            if !act.gate.held.is_empty() && !act.backfilling {
                 let ready = act.gate.expire(Instant::now());
                 act.fan_out(ready);
             }
