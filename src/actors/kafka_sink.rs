@@ -4,6 +4,7 @@
 //! arrives within `kafka.linger_ms`; each message's delivery report
 //! resolves its `Produce`, and only then is the message visible and acked.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -229,7 +230,15 @@ impl rdkafka::ClientContext for ScanContext {
 impl rdkafka::consumer::ConsumerContext for ScanContext {}
 
 /// Reads every partition from the persist group's committed offset to its
-/// end and returns the highest seq of `room` found there (0 if none).
+/// end (its high watermark when the scan starts) and returns the highest seq
+/// of `room` found there (0 if none).
+///
+/// The scan stops at the watermarks read before it starts rather than at the
+/// partitions' current end: while other nodes keep producing to the room's
+/// partition, the current end moves on and the scan would chase it for
+/// seconds, every send of the room waiting on it. What is produced after
+/// the watermarks were read took its seq from the Redis being seeded, which
+/// the seed never lowers.
 fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, ChatError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message as _, Offset, TopicPartitionList};
@@ -277,7 +286,8 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
     }
     let committed = committed.unwrap_or_else(TopicPartitionList::new);
     let mut assignment = TopicPartitionList::new();
-    let mut pending = 0usize;
+    // Per partition still to read: the offset one past its last record.
+    let mut pending: HashMap<i32, i64> = HashMap::new();
     for p in &partitions {
         let (low, high) = consumer
             .fetch_watermarks(&settings.topic, *p, METADATA_TIMEOUT)
@@ -293,30 +303,40 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
             assignment
                 .add_partition_offset(&settings.topic, *p, Offset::Offset(start))
                 .map_err(fail)?;
-            pending += 1;
+            pending.insert(*p, high);
         }
     }
-    if pending == 0 {
+    if pending.is_empty() {
         return Ok(0);
     }
     consumer.assign(&assignment).map_err(fail)?;
     let started = std::time::Instant::now();
     let mut max = 0;
-    while pending > 0 {
+    while !pending.is_empty() {
         if started.elapsed() > SCAN_LIMIT {
             return Err(ChatError::Unavailable(
                 "kafka: the unpersisted backlog is too long to scan now".into(),
             ));
         }
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(record)) if record.key() == Some(room.as_bytes()) => {
-                let stored = record.payload().map(serde_json::from_slice::<ChatMessage>);
-                if let Some(Ok(m)) = stored {
-                    max = max.max(m.seq);
+            Some(Ok(record)) => {
+                if record.key() == Some(room.as_bytes()) {
+                    let stored = record.payload().map(serde_json::from_slice::<ChatMessage>);
+                    if let Some(Ok(m)) = stored {
+                        max = max.max(m.seq);
+                    }
+                }
+                let partition = record.partition();
+                if pending
+                    .get(&partition)
+                    .is_some_and(|end| record.offset() + 1 >= *end)
+                {
+                    pending.remove(&partition);
                 }
             }
-            Some(Ok(_)) => {}
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => pending -= 1,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                pending.remove(&p);
+            }
             Some(Err(e)) => return Err(fail(e)),
             None => {}
         }
