@@ -1157,6 +1157,77 @@ async fn redis_restarted_empty_seq_never_goes_back() {
     redis_restart(true).await;
 }
 
+/// 3c. A room's seq lost from Redis (as when Redis comes back empty) while
+/// the clients of both nodes send to it: each node that finds it missing
+/// seeds it again above what the log holds, and no send waits long for
+/// that. No node runs persist workers, so the whole log is unpersisted and
+/// each seed scans it; the node that seeds second scans while the first
+/// one already produces to the room again.
+#[tokio::test]
+#[ignore = "loads Kafka and times the answers: make test-faults"]
+async fn room_seq_lost_under_load_seeded_again_within_seconds() {
+    const CLIENTS: usize = 10;
+    const PER_CLIENT: usize = 400;
+    services_up().await;
+    let f = Faulty::start("reseed", &[&["sweep"], &["sweep"]], &[]).await;
+    let tokens = f.tokens(CLIENTS, "s").await;
+    let ports = Arc::new(Mutex::new(f.ports()));
+    // 400 messages per client, 50 per second each: about 8 s of load.
+    let plans = plans(&f.room, &tokens, PER_CLIENT, |p| {
+        p.pace = Duration::from_millis(20);
+        p.retry_after = Some(Duration::from_millis(500));
+        p.within = Duration::from_secs(120);
+    });
+    let load = drive_all(plans, &ports);
+    let redis = redis::Client::open(f.opts.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let seq_key = keys::seq(&f.room);
+    let fault = async {
+        // Lost again every second: each time both nodes seed it.
+        for _ in 0..7 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _: () = redis::cmd("DEL")
+                .arg(&seq_key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    let began = Instant::now();
+    let (results, ()) = tokio::join!(load, fault);
+    let run = began.elapsed();
+    let t = totals(&results, CLIENTS * PER_CLIENT);
+    let shared = shared_seqs(&t.acked_map);
+    eprintln!(
+        "FAULTS 3c room-seq-lost: sends {} acked {} unavailable-answers {} (cids {}) \
+         gave-up {} ack-p50 {:.1}ms ack-p99 {:.1}ms slowest-answer {:.1}s run {:.1}s",
+        t.sends,
+        t.acked,
+        t.unavailable,
+        t.unavailable_cids,
+        t.gave_up,
+        t.p50_ms,
+        t.p99_ms,
+        t.slowest_answer.as_secs_f64(),
+        run.as_secs_f64(),
+    );
+    assert!(t.errors.is_empty(), "unexpected errors: {:?}", t.errors);
+    assert!(t.order.is_empty(), "views out of seq order: {:?}", t.order);
+    assert!(shared.is_empty(), "seqs acked for two cids: {shared:?}");
+    assert_eq!(t.gave_up, 0, "sends with neither ack nor unavailable");
+    assert_eq!(
+        t.acked,
+        CLIENTS * PER_CLIENT,
+        "every cid acked after retries"
+    );
+    assert!(
+        t.slowest_answer <= Duration::from_secs(3),
+        "a send waited {:?} for its answer while the room was seeded again",
+        t.slowest_answer
+    );
+    f.cleanup().await;
+}
+
 // ---------------------------------------------------------------- 4. persist
 
 /// Messages a node's persist workers stored since it started.
