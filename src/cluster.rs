@@ -143,6 +143,8 @@ impl ClusterParts {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Instant;
@@ -159,10 +161,7 @@ mod tests {
             Some((n, end + 2))
         }
         let (mut count, mut used) = (0, 0);
-        'commands: loop {
-            let Some((args, mut at)) = line(buf, used) else {
-                break;
-            };
+        'commands: while let Some((args, mut at)) = line(buf, used) {
             for _ in 0..args {
                 let Some((len, start)) = line(buf, at) else {
                     break 'commands;
