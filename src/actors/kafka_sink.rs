@@ -24,6 +24,12 @@ use crate::protocol::ChatMessage;
 /// How long a metadata request may take (readiness, topic creation).
 const METADATA_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long past `kafka.message_timeout_ms` a `Produce` waits for its
+/// delivery report before it answers `unavailable` anyway. librdkafka
+/// looks for timed-out messages once a second, so its own report comes
+/// within this.
+const DELIVERY_GRACE: Duration = Duration::from_secs(2);
+
 /// Make one message durable in the log; resolves on its delivery report.
 #[derive(Message)]
 #[rtype(result = "Result<(), ChatError>")]
@@ -138,7 +144,12 @@ impl Handler<Produce> for KafkaSink {
         if let Some((code, reason)) = self.producer.client().fatal_error() {
             log::error!("Kafka producer failed for good ({code}: {reason}); starting a new one.");
             match new_producer(&self.settings) {
-                Ok(p) => self.producer = p,
+                Ok(p) => {
+                    // Dropping a producer purges and flushes it, and joins
+                    // its threads: not on the thread that answers sends.
+                    let old = std::mem::replace(&mut self.producer, p);
+                    tokio::task::spawn_blocking(move || drop(old));
+                }
                 Err(e) => return Box::pin(async move { Err(e) }),
             }
         }
@@ -152,13 +163,22 @@ impl Handler<Produce> for KafkaSink {
         let delivery = self.producer.send_result(record).map_err(|(e, _)| e);
         let metrics = self.metrics.clone();
         metrics.producer_queue.fetch_add(1, Relaxed);
+        // The answer comes with the delivery report, or `unavailable` once
+        // the message timeout is over whatever holds the report back. Such
+        // a message may still reach the log, like one librdkafka times out
+        // in flight: the client's retry with its cid keeps it once.
+        let limit = Duration::from_millis(self.settings.message_timeout_ms) + DELIVERY_GRACE;
         Box::pin(async move {
             let result = match delivery {
                 Err(e) => Err(ChatError::Unavailable(format!("kafka: {e}"))),
-                Ok(report) => match report.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(ChatError::Unavailable(format!("kafka: {e}"))),
-                    Err(_) => Err(ChatError::Unavailable("kafka producer stopped".into())),
+                Ok(report) => match tokio::time::timeout(limit, report).await {
+                    Ok(Ok(Ok(_))) => Ok(()),
+                    Ok(Ok(Err((e, _)))) => Err(ChatError::Unavailable(format!("kafka: {e}"))),
+                    Ok(Err(_)) => Err(ChatError::Unavailable("kafka producer stopped".into())),
+                    Err(_) => Err(ChatError::Unavailable(format!(
+                        "kafka: no delivery report within {} ms",
+                        limit.as_millis()
+                    ))),
                 },
             };
             metrics.producer_queue.fetch_sub(1, Relaxed);
