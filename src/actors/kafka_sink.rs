@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -29,6 +29,18 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(3);
 /// looks for timed-out messages once a second, so its own report comes
 /// within this.
 const DELIVERY_GRACE: Duration = Duration::from_secs(2);
+
+/// Longest time a scan for a room's unpersisted max seq may take, all of
+/// it (metadata, committed offsets, watermarks, reading); past it the seed
+/// is refused. Sends of the room wait on the scan.
+const SCAN_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long a failed scan's error answers further scans of the same room.
+/// The sends that found a room unseeded queue for its seeding one at a
+/// time; each would otherwise scan again, and with Kafka away each scan
+/// fails only after a timeout, so the last of the queue waited for all of
+/// them in turn.
+const SCAN_FAILURE_MEMORY: Duration = Duration::from_secs(1);
 
 /// Make one message durable in the log; resolves on its delivery report.
 #[derive(Message)]
@@ -62,6 +74,8 @@ pub struct KafkaSink {
     topic: String,
     settings: KafkaSettings,
     metrics: Arc<Metrics>,
+    /// Per room, the last scan that failed: when, and its error.
+    failed_scans: Arc<std::sync::Mutex<HashMap<String, (Instant, ChatError)>>>,
 }
 
 impl KafkaSink {
@@ -77,6 +91,7 @@ impl KafkaSink {
             topic: settings.topic.clone(),
             settings: settings.clone(),
             metrics,
+            failed_scans: Arc::default(),
         })
     }
 }
@@ -226,11 +241,24 @@ impl Handler<UnpersistedMaxSeq> for KafkaSink {
     type Result = ResponseFuture<Result<u64, ChatError>>;
 
     fn handle(&mut self, msg: UnpersistedMaxSeq, _: &mut Context<Self>) -> Self::Result {
+        let failed_scans = self.failed_scans.clone();
+        if let Ok(mut failed) = failed_scans.lock() {
+            failed.retain(|_, (at, _)| at.elapsed() < SCAN_FAILURE_MEMORY);
+            if let Some((_, e)) = failed.get(&msg.room) {
+                let e = e.clone();
+                return Box::pin(async move { Err(e) });
+            }
+        }
         let settings = self.settings.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || unpersisted_max_seq(&settings, &msg.room))
+            let room = msg.room.clone();
+            let result = tokio::task::spawn_blocking(move || unpersisted_max_seq(&settings, &room))
                 .await
-                .map_err(|e| ChatError::Internal(e.to_string()))?
+                .map_err(|e| ChatError::Internal(e.to_string()))?;
+            if let (Err(e), Ok(mut failed)) = (&result, failed_scans.lock()) {
+                failed.insert(msg.room, (Instant::now(), e.clone()));
+            }
+            result
         })
     }
 }
@@ -263,11 +291,20 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message as _, Offset, TopicPartitionList};
 
-    /// Longest time the scan may take; past it the seed is refused.
-    const SCAN_LIMIT: Duration = Duration::from_secs(20);
     /// Attempts at reading the group's committed offsets.
     const COORDINATOR_TRIES: usize = 15;
     let fail = |e: rdkafka::error::KafkaError| ChatError::Unavailable(format!("kafka: {e}"));
+    let deadline = Instant::now() + SCAN_LIMIT;
+    let too_long =
+        || ChatError::Unavailable("kafka: the unpersisted backlog cannot be scanned now".into());
+    // Each request may take what is left of the scan's time, at most
+    // METADATA_TIMEOUT.
+    let left = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        (!left.is_zero())
+            .then(|| left.min(METADATA_TIMEOUT))
+            .ok_or_else(too_long)
+    };
     let consumer: BaseConsumer<ScanContext> = ClientConfig::new()
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group)
@@ -277,7 +314,7 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
         .create_with_context(ScanContext)
         .map_err(fail)?;
     let metadata = consumer
-        .fetch_metadata(Some(&settings.topic), METADATA_TIMEOUT)
+        .fetch_metadata(Some(&settings.topic), left()?)
         .map_err(fail)?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -293,7 +330,7 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
     // partition, which reads more but misses nothing.
     let mut committed = None;
     for _ in 0..COORDINATOR_TRIES {
-        match consumer.committed_offsets(wanted.clone(), METADATA_TIMEOUT) {
+        match consumer.committed_offsets(wanted.clone(), left()?) {
             Ok(c) => {
                 committed = Some(c);
                 break;
@@ -310,7 +347,7 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
     let mut pending: HashMap<i32, i64> = HashMap::new();
     for p in &partitions {
         let (low, high) = consumer
-            .fetch_watermarks(&settings.topic, *p, METADATA_TIMEOUT)
+            .fetch_watermarks(&settings.topic, *p, left()?)
             .map_err(fail)?;
         let start = match committed
             .find_partition(&settings.topic, *p)
@@ -330,15 +367,9 @@ fn unpersisted_max_seq(settings: &KafkaSettings, room: &str) -> Result<u64, Chat
         return Ok(0);
     }
     consumer.assign(&assignment).map_err(fail)?;
-    let started = std::time::Instant::now();
     let mut max = 0;
     while !pending.is_empty() {
-        if started.elapsed() > SCAN_LIMIT {
-            return Err(ChatError::Unavailable(
-                "kafka: the unpersisted backlog is too long to scan now".into(),
-            ));
-        }
-        match consumer.poll(Duration::from_millis(200)) {
+        match consumer.poll(left()?.min(Duration::from_millis(200))) {
             Some(Ok(record)) => {
                 if record.key() == Some(room.as_bytes()) {
                     let stored = record.payload().map(serde_json::from_slice::<ChatMessage>);
