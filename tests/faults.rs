@@ -897,6 +897,61 @@ async fn kafka_stopped_30s_every_send_acked_or_unavailable_then_stored_once() {
     f.cleanup().await;
 }
 
+/// 1b. Kafka stopped while many sends are in flight: each is answered
+/// within `kafka.message_timeout_ms` and a little, `ack` or `unavailable`.
+/// librdkafka held the reports of messages in flight to the stopping
+/// broker for about twice the message timeout.
+#[tokio::test]
+#[ignore = "stops Kafka: make test-faults"]
+async fn kafka_stopped_under_load_every_send_answered_within_the_message_timeout() {
+    const CLIENTS: usize = 10;
+    const PER_CLIENT: usize = 250;
+    services_up().await;
+    let f = Faulty::start("kafka-inflight", &[&["sweep"], &["sweep"]], &[]).await;
+    let tokens = f.tokens(CLIENTS, "i").await;
+    let ports = Arc::new(Mutex::new(f.ports()));
+    // 50 sends per second per client, no retries: about 5 s of sends.
+    let plans = plans(&f.room, &tokens, PER_CLIENT, |p| {
+        p.pace = Duration::from_millis(20);
+        p.retry_after = None;
+        p.within = Duration::from_secs(240);
+    });
+    let load = drive_all(plans, &ports);
+    // Kafka away for 15 s, then back for the sends still to come.
+    let fault = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let stop = services(&["stop", "kafka"]).await;
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        (stop, services(&["start", "kafka"]).await)
+    };
+    let (results, (stop, start)) = tokio::join!(load, fault);
+    let t = totals(&results, CLIENTS * PER_CLIENT);
+    eprintln!(
+        "FAULTS 1b kafka-stopped-in-flight: sends {} acked {} unavailable {} gave-up {} \
+         slowest-answer {:.1}s stop {:.1}s start {:.1}s",
+        t.sends,
+        t.acked,
+        t.unavailable,
+        t.gave_up,
+        t.slowest_answer.as_secs_f64(),
+        stop.as_secs_f64(),
+        start.as_secs_f64(),
+    );
+    assert!(t.errors.is_empty(), "unexpected errors: {:?}", t.errors);
+    assert_eq!(t.gave_up, 0, "sends with neither ack nor unavailable");
+    assert_eq!(t.acked + t.unavailable, CLIENTS * PER_CLIENT);
+    assert!(
+        t.unavailable > 0,
+        "no send was refused while Kafka was away"
+    );
+    assert!(
+        t.slowest_answer <= Duration::from_secs(13),
+        "a send waited {:?} for its answer (kafka.message_timeout_ms is 10 s)",
+        t.slowest_answer
+    );
+    f.cleanup().await;
+}
+
 // ---------------------------------------------------------------- 2. MongoDB
 
 /// 2. FerretDB stopped for 30 s under load: acks go on, history has no hole,
