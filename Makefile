@@ -15,7 +15,7 @@ run: frontend
 test: lint
 	scripts/with-services $(MAKE) test-all
 
-test-all: unit-test frontend-test e2e fuzz-quick
+test-all: unit-test frontend-test e2e fuzz-quick faults
 
 ## lint: formatting and clippy with warnings as errors
 lint:
@@ -62,9 +62,8 @@ services-down:
 ## test-faults: fault injection against the real services, one scenario at a time (see docs/RELIABILITY.md):
 ## Kafka, FerretDB and Redis stopped under load, nodes killed or drained, a client that never reads.
 ## `make faults` runs the ignored ones with the services already up (the SIGTERM drain runs in
-## `cargo test`). Not part of `make test` yet: scenarios 1, 3a and 5 fail intermittently (F1 in
-## docs/RELIABILITY.md). The scenarios stop and start the services with scripts/services and
-## leave them running, so with-services still stops those it started.
+## `cargo test`); it is the last step of `make test`. The scenarios stop and start the services with
+## scripts/services and leave them running, so with-services still stops those it started.
 .PHONY: test-faults faults
 test-faults:
 	scripts/with-services $(CARGO) test --test faults -- --include-ignored --test-threads=1 --nocapture
