@@ -621,44 +621,35 @@ mod tests {
             );
             let stored = store.after("general", 0, 10).await.map_err(err)?;
             check!(stored == [moved.clone()], "raised to 9: {stored:#?}");
+            let seqs = || async {
+                let stored = store.after("general", 0, 10).await.map_err(err)?;
+                Ok::<Vec<u64>, String>(stored.iter().map(|m| m.seq).collect())
+            };
             // The first seq again, late (a replay): not lowered.
-            check!(
-                store
-                    .insert_batch(&[first.clone(), message("general", 5)])
-                    .await
-                    .map_err(err)?
-                    == 1,
-                "5 new"
-            );
-            let seqs: Vec<u64> = store
-                .after("general", 0, 10)
+            let n = store
+                .insert_batch(&[first.clone(), message("general", 5)])
                 .await
-                .map_err(err)?
-                .iter()
-                .map(|m| m.seq)
-                .collect();
-            check!(seqs == [5, 9], "still 9: {seqs:?}");
+                .map_err(err)?;
+            check!(n == 1, "only 5 is new, got {n}");
+            check!(seqs().await? == [5, 9], "still 9");
             check!(store.max_seq("general").await.map_err(err)? == 9, "max seq");
-            // Both records in one batch, either order.
-            let other = message("general", 6);
-            let mut other_moved = other.clone();
-            other_moved.seq = 12;
+            // Both records in one batch, in either order: the higher stays.
+            for (low, high) in [(6, 12), (7, 13)] {
+                let first = message("general", low);
+                let mut moved = first.clone();
+                moved.seq = high;
+                let batch = if low == 6 {
+                    [moved, first]
+                } else {
+                    [first, moved]
+                };
+                let n = store.insert_batch(&batch).await.map_err(err)?;
+                check!(n == 1, "one of the two records of {low} is new, got {n}");
+            }
             check!(
-                store
-                    .insert_batch(&[other_moved, other])
-                    .await
-                    .map_err(err)?
-                    == 1,
-                "one of two"
+                seqs().await? == [5, 9, 12, 13],
+                "6 and 7 stored as 12 and 13"
             );
-            let seqs: Vec<u64> = store
-                .after("general", 0, 10)
-                .await
-                .map_err(err)?
-                .iter()
-                .map(|m| m.seq)
-                .collect();
-            check!(seqs == [5, 9, 12], "6 stored as 12: {seqs:?}");
             Ok(())
         })
         .await;
