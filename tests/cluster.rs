@@ -133,13 +133,7 @@ impl Cluster {
                 Ok(mut conn) => {
                     let mut pipe = redis::pipe();
                     for room in &self.rooms {
-                        pipe.del(keys::seq(room))
-                            .del(keys::cids(room))
-                            .del(keys::published(room))
-                            .del(keys::recent(room))
-                            .del(keys::persisted(room))
-                            .del(keys::members(room))
-                            .srem(keys::ROOMS, room);
+                        pipe.del(&keys::of_room(room)).srem(keys::ROOMS, room);
                     }
                     for node in &self.nodes {
                         pipe.del(keys::node_rooms(&node.opts.node_id))

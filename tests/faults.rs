@@ -181,13 +181,7 @@ impl Faulty {
             if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
                 let mut pipe = redis::pipe();
                 for room in std::iter::once(&self.room).chain(&self.more_rooms) {
-                    pipe.del(keys::seq(room))
-                        .del(keys::cids(room))
-                        .del(keys::published(room))
-                        .del(keys::recent(room))
-                        .del(keys::persisted(room))
-                        .del(keys::members(room))
-                        .srem(keys::ROOMS, room);
+                    pipe.del(&keys::of_room(room)).srem(keys::ROOMS, room);
                 }
                 for node in &self.nodes {
                     pipe.del(keys::node_rooms(&node.opts.node_id))

@@ -46,6 +46,18 @@ pub fn channel(room: &str) -> String {
     format!("chat:{{{room}}}:events")
 }
 
+/// Every key of one room (not its channel): what removing a room removes.
+pub fn of_room(room: &str) -> [String; 6] {
+    [
+        seq(room),
+        cids(room),
+        published(room),
+        recent(room),
+        persisted(room),
+        members(room),
+    ]
+}
+
 /// Set of every room that has messages.
 pub const ROOMS: &str = "chat:rooms";
 
