@@ -191,6 +191,9 @@ const _: () = assert!(2 * LATE.as_millis() <= crate::actors::room::HOLD_BACK.as_
 /// Redis does not answer, before it hears `unavailable`.
 const DELIVER_WAIT: Duration = Duration::from_secs(6);
 
+/// The first and the longest pause between two background retries.
+const RETRY_PAUSES: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
+
 /// How long a message that could not be cached and published keeps trying.
 const DELIVER_RETRY_WINDOW: Duration = Duration::from_secs(120);
 
@@ -317,13 +320,10 @@ impl Inner {
             }
             Ok(Delivery::Resequenced(seq)) => {
                 message.seq = seq;
-                if let Err(e) = self.produce(&message).await {
-                    // Published and durable, but Kafka has it only under
-                    // its first seq so far: keep producing the new one, and
-                    // let the client's retry learn the outcome.
-                    self.clone().produce_until_done(message);
-                    return Err(e);
-                }
+                // Published and durable, but on failure Kafka has it only
+                // under its first seq so far: the client's retry learns
+                // the outcome.
+                self.produce_resequenced(&message).await?;
                 Ok(Accepted {
                     message,
                     duplicate: status == 0,
@@ -356,22 +356,8 @@ impl Inner {
         message: &ChatMessage,
         wait: Duration,
     ) -> Result<Delivery, ChatError> {
-        let started = std::time::Instant::now();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.deliver(message).await {
-                Err(e) if started.elapsed() + backoff < wait => {
-                    log::debug!(
-                        "Publishing message {} of {} failed: {e:?}; retrying.",
-                        message.seq,
-                        message.room
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                done => return done,
-            }
-        }
+        let pauses = (Duration::from_millis(100), Duration::from_secs(1));
+        with_backoff(pauses, wait, || self.deliver(message)).await
     }
 
     /// Step (2): waits for Kafka's delivery report.
@@ -384,63 +370,59 @@ impl Inner {
             .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))?
     }
 
-    /// Step (2) again, with backoff, for a message published under a new
-    /// seq, until Kafka has it under that seq or the retry window ends.
-    fn produce_until_done(self: Arc<Self>, message: ChatMessage) {
-        actix::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            let started = std::time::Instant::now();
-            while started.elapsed() < DELIVER_RETRY_WINDOW {
-                tokio::time::sleep(backoff).await;
-                if self.produce(&message).await.is_ok() {
-                    return;
+    /// Makes a message published under a new seq durable under it: on
+    /// failure, keeps producing it in the background (with backoff, for the
+    /// retry window) and answers the error.
+    async fn produce_resequenced(self: &Arc<Self>, message: &ChatMessage) -> Result<(), ChatError> {
+        let first = self.produce(message).await;
+        if first.is_err() {
+            let inner = self.clone();
+            let message = message.clone();
+            actix::spawn(async move {
+                let again = with_backoff(RETRY_PAUSES, DELIVER_RETRY_WINDOW, || {
+                    inner.produce(&message)
+                });
+                if again.await.is_err() {
+                    log::error!(
+                        "Message {} of {} ({}) was published under seq {} but Kafka never \
+                         confirmed it; MongoDB keeps its first seq.",
+                        message.id,
+                        message.room,
+                        message.cid,
+                        message.seq
+                    );
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            log::error!(
-                "Message {} of {} ({}) was published under seq {} but Kafka never confirmed it; \
-                 MongoDB keeps its first seq.",
-                message.id,
-                message.room,
-                message.cid,
-                message.seq
-            );
-        });
+            });
+        }
+        first
     }
 
     /// Step (3) again, with backoff, until it works or the retry window
     /// ends (then MongoDB, which holds the message from the log, answers
     /// history for it).
     async fn deliver_until_done(self: Arc<Self>, mut message: ChatMessage) {
-        let mut backoff = Duration::from_millis(200);
-        let started = std::time::Instant::now();
-        while started.elapsed() < DELIVER_RETRY_WINDOW {
-            tokio::time::sleep(backoff).await;
-            match self.deliver(&message).await {
-                Ok(Delivery::Published | Delivery::Earlier(_)) => {
-                    log::info!("Message {} of {} relayed late.", message.seq, message.room);
-                    return;
-                }
-                Ok(Delivery::Resequenced(seq)) => {
-                    log::info!(
-                        "Message {} of {} relayed late as {seq}.",
-                        message.seq,
-                        message.room
-                    );
-                    message.seq = seq;
-                    if self.produce(&message).await.is_err() {
-                        self.produce_until_done(message);
-                    }
-                    return;
-                }
-                Err(_) => backoff = (backoff * 2).min(Duration::from_secs(2)),
+        let delivered = with_backoff(RETRY_PAUSES, DELIVER_RETRY_WINDOW, || {
+            self.deliver(&message)
+        });
+        match delivered.await {
+            Ok(Delivery::Published | Delivery::Earlier(_)) => {
+                log::info!("Message {} of {} relayed late.", message.seq, message.room);
             }
+            Ok(Delivery::Resequenced(seq)) => {
+                log::info!(
+                    "Message {} of {} relayed late as {seq}.",
+                    message.seq,
+                    message.room
+                );
+                message.seq = seq;
+                let _ = self.produce_resequenced(&message).await;
+            }
+            Err(_) => log::warn!(
+                "Message {} of {} was never relayed; it is stored from the log.",
+                message.seq,
+                message.room
+            ),
         }
-        log::warn!(
-            "Message {} of {} was never relayed; it is stored from the log.",
-            message.seq,
-            message.room
-        );
     }
 
     /// Step (3): cache and publish, once per cid (see [`DELIVER`]).
@@ -731,6 +713,31 @@ impl Inner {
     }
 }
 
+/// Runs `attempt` until it succeeds or `window` would pass before the next
+/// try, pausing between tries from `pauses.0`, doubling up to `pauses.1`.
+/// Answers the last outcome.
+async fn with_backoff<T, Fut>(
+    pauses: (Duration, Duration),
+    window: Duration,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, ChatError>
+where
+    Fut: std::future::Future<Output = Result<T, ChatError>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = pauses.0;
+    loop {
+        match attempt().await {
+            Err(e) if started.elapsed() + pause < window => {
+                log::debug!("Retrying in {pause:?} after: {e:?}.");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(pauses.1);
+            }
+            done => return done,
+        }
+    }
+}
+
 /// What the deliver script did with a message.
 #[derive(Debug, PartialEq, Eq)]
 enum Delivery {
@@ -867,6 +874,42 @@ mod tests {
         );
         assert_eq!(seqs(merge(a.clone(), b.clone(), 2, false)), vec![1, 2]);
         assert_eq!(seqs(merge(a, b, 2, true)), vec![3, 4]);
+    }
+
+    #[tokio::test]
+    async fn with_backoff_stops_at_success_or_at_the_window() {
+        let pauses = (Duration::from_millis(5), Duration::from_millis(20));
+        let tries = std::cell::Cell::new(0);
+        let ok = with_backoff(pauses, Duration::from_secs(5), || {
+            tries.set(tries.get() + 1);
+            let n = tries.get();
+            async move {
+                if n < 3 {
+                    Err(ChatError::Unavailable("not yet".into()))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(ok.ok(), Some(3));
+
+        let started = std::time::Instant::now();
+        tries.set(0);
+        let failed: Result<(), ChatError> =
+            with_backoff(pauses, Duration::from_millis(100), || {
+                tries.set(tries.get() + 1);
+                async { Err(ChatError::Unavailable("down".into())) }
+            })
+            .await;
+        assert!(failed.is_err());
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+        // Pauses of 5, 10, 20, 20, 20 ms fit in 100 ms: six tries.
+        assert!((4..=6).contains(&tries.get()), "{} tries", tries.get());
     }
 
     #[test]
