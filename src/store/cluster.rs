@@ -895,13 +895,13 @@ mod tests {
         assert_eq!(ok.ok(), Some(3));
 
         tries.set(0);
-        let failed: Result<(), ChatError> =
-            with_backoff(pauses, Duration::from_millis(100), || {
-                tries.set(tries.get() + 1);
-                async { Err(ChatError::Unavailable("down".into())) }
-            })
-            .await;
-        assert!(failed.is_err());
+        let failing = with_backoff(pauses, Duration::from_millis(100), || {
+            tries.set(tries.get() + 1);
+            async { Err::<(), _>(ChatError::Unavailable("down".into())) }
+        });
+        // Only a guard against retrying for ever: 50 times the window.
+        let failed = tokio::time::timeout(Duration::from_secs(5), failing).await;
+        assert!(matches!(failed, Ok(Err(_))), "{failed:?}");
         // Pauses of 5, 10, 20, 20, 20 ms fit in 100 ms and a sixth would
         // not, and a sleep never runs short: at most six tries (fewer when
         // the machine is slow).
