@@ -143,6 +143,11 @@ impl Node {
                 .configure(|cfg| http::configure(cfg, &data))
         })
         .on_connect(|conn, _| actors::session::configure_connection(conn))
+        // Chat frames are small and each should leave at once: with Nagle's
+        // algorithm a frame written while the previous one is not yet
+        // acknowledged waits for that acknowledgement (actix leaves the
+        // socket's default, which has it on).
+        .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(5);
         if app.settings.http.workers > 0 {
