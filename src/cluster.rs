@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::IntoConnectionInfo;
 
 use crate::actors::kafka_sink::KafkaSink;
 use crate::actors::persist::PersistSupervisor;
@@ -57,6 +58,19 @@ pub(crate) fn redis_config() -> ConnectionManagerConfig {
         .set_number_of_retries(0)
 }
 
+/// The Redis client of the command connection and the relay's
+/// subscription, with `TCP_NODELAY`: the command connection pipelines many
+/// small requests, and with Nagle's algorithm one written while an earlier
+/// one is unacknowledged waits for that acknowledgement.
+fn redis_client(url: &str) -> Result<redis::Client, ChatError> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| ChatError::Unavailable(e.to_string()))?;
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    redis::Client::open(info.set_tcp_settings(tcp))
+        .map_err(|e| ChatError::Unavailable(e.to_string()))
+}
+
 /// The Redis command connection. Start-up keeps a few attempts of its own
 /// (the manager's reconnects have none).
 async fn connect_redis(client: &redis::Client) -> Result<ConnectionManager, ChatError> {
@@ -80,9 +94,7 @@ pub(crate) async fn connect(
     c: &ClusterSettings,
     metrics: Arc<Metrics>,
 ) -> Result<ClusterParts, StartError> {
-    let client = redis::Client::open(c.redis.url.as_str())
-        .map_err(|e| ChatError::Unavailable(e.to_string()))
-        .map_err(service("redis"))?;
+    let client = redis_client(&c.redis.url).map_err(service("redis"))?;
     let redis = connect_redis(&client).await.map_err(service("redis"))?;
     let sink = KafkaSink::connect(&c.kafka, metrics.clone())
         .await
