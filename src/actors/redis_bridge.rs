@@ -21,6 +21,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use super::registry::{Publish, RemoteEvent, Resync, RoomRegistry};
+use super::room::RelayDown;
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, User};
 use crate::store::keys;
@@ -238,6 +239,7 @@ impl Handler<Disconnected> for RedisBridge {
             return;
         }
         log::warn!("Redis pub/sub connection lost; reconnecting.");
+        self.registry.do_send(RelayDown);
         self.sink = None;
         self.connect(ctx);
     }

@@ -14,7 +14,8 @@ use futures_util::future::join_all;
 
 use super::redis_bridge::{Event, RedisBridge, Unsubscribe};
 use super::room::{
-    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, Joined, LeaveRoom, Remote, Room, TypingIn,
+    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, Joined, LeaveRoom, RelayDown, Remote,
+    Room, TypingIn,
 };
 use super::session::{SessionOutbox, Shutdown};
 use crate::metrics::Metrics;
@@ -268,6 +269,15 @@ impl Handler<RemoteEvent> for RoomRegistry {
         };
         if let Some(entry) = self.rooms.get(room) {
             entry.addr.do_send(Remote { event: msg.event });
+        }
+    }
+}
+
+impl Handler<RelayDown> for RoomRegistry {
+    type Result = ();
+    fn handle(&mut self, _: RelayDown, _: &mut Context<Self>) {
+        for entry in self.rooms.values() {
+            entry.addr.do_send(RelayDown);
         }
     }
 }

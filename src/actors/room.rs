@@ -90,6 +90,14 @@ pub struct Remote {
 #[rtype(result = "()")]
 pub struct Backfill;
 
+/// The relay's connection is down: what was published meanwhile, or just
+/// before, may never arrive live, and the backfill that follows the
+/// reconnect finds it only above the last delivered seq. So the gate gives
+/// up no missing seq until that backfill has read the store.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RelayDown;
+
 /// The distinct users in the room.
 #[derive(Message)]
 #[rtype(result = "Vec<User>")]
@@ -183,6 +191,9 @@ pub struct Room {
     /// A backfill is reading the store; another is to follow it.
     backfilling: bool,
     backfill_again: bool,
+    /// The relay is down and no backfill has started since (see
+    /// [`RelayDown`]).
+    relay_down: bool,
     store: Arc<dyn MessageStore>,
     bridge: Option<Addr<RedisBridge>>,
     metrics: Arc<Metrics>,
@@ -208,6 +219,7 @@ impl Room {
             gate: SeqGate::default(),
             backfilling: false,
             backfill_again: false,
+            relay_down: false,
             store,
             bridge,
             metrics,
@@ -347,6 +359,8 @@ impl Room {
     /// time, into the gate. While it reads, the gate gives up no missing
     /// seq: the store may hold it.
     fn backfill(&mut self, ctx: &mut Context<Self>) {
+        // From here on `backfilling` holds the gate while the store is read.
+        self.relay_down = false;
         if self.backfilling {
             // The running one may have read before what is asked for now.
             self.backfill_again = true;
@@ -435,7 +449,7 @@ impl Actor for Room {
         }));
         // Release held messages whose missing predecessors never came.
         ctx.run_interval(HOLD_BACK / 5, |act, _| {
-            if !act.gate.held.is_empty() && !act.backfilling {
+            if !act.gate.held.is_empty() && !act.backfilling && !act.relay_down {
                 let ready = act.gate.expire(Instant::now());
                 act.fan_out(ready);
             }
@@ -562,6 +576,13 @@ impl Handler<Backfill> for Room {
     type Result = ();
     fn handle(&mut self, _: Backfill, ctx: &mut Context<Self>) {
         self.backfill(ctx);
+    }
+}
+
+impl Handler<RelayDown> for Room {
+    type Result = ();
+    fn handle(&mut self, _: RelayDown, _: &mut Context<Self>) {
+        self.relay_down = true;
     }
 }
 
