@@ -60,7 +60,7 @@ services-down:
 	scripts/services down
 
 ## test-faults: fault injection against the real services, one scenario at a time (see docs/RELIABILITY.md):
-## Kafka, FerretDB and Redis stopped under load, nodes killed or drained, a client that never reads.
+## Kafka, FerretDB and Redis stopped under load, nodes killed or drained, the relay cut off, a client that never reads.
 ## `make faults` runs the ignored ones with the services already up (the SIGTERM drain runs in
 ## `cargo test`); it is the last step of `make test`. The scenarios stop and start the services with
 ## scripts/services and leave them running, so with-services still stops those it started.
