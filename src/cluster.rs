@@ -5,87 +5,37 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::IntoConnectionInfo;
 
 use crate::actors::kafka_sink::KafkaSink;
-use crate::actors::persist::PersistSupervisor;
+use crate::actors::messages::RelayReports;
+use crate::actors::persist_supervisor::PersistSupervisor;
 use crate::actors::redis_bridge::RedisBridge;
 use crate::actors::registry::{AttachBridge, RoomRegistry};
-use crate::config::{ClusterSettings, Role, Settings};
-use crate::error::ChatError;
+use crate::actors::scheduler::{DEAD_AFTER, HEARTBEAT_SECS};
+use crate::config::{ClusterSettings, RedisSettings, Role, Settings};
+use crate::error::{ChatError, StartError};
 use crate::metrics::Metrics;
 use crate::store::cluster::ClusterStore;
+use crate::store::kafka::{Durability, TopicCheck};
+use crate::store::keys;
 use crate::store::mongo::MongoStore;
-use crate::StartError;
+use crate::store::redis::{self, RedisConn};
 
 /// The connected services of a cluster node.
 pub(crate) struct ClusterParts {
     pub store: ClusterStore,
     /// The persist workers, on nodes with the persist role.
     pub persist: Option<Addr<PersistSupervisor>>,
-    client: redis::Client,
-    redis: ConnectionManager,
+    /// The durability of the Kafka topic, as found at start-up.
+    pub topic: TopicCheck,
+    redis: RedisConn,
+    /// For the relay, which opens its own subscription connections.
+    redis_settings: RedisSettings,
     metrics: Arc<Metrics>,
 }
 
 fn service(service: &'static str) -> impl Fn(ChatError) -> StartError {
     move |error| StartError::Service { service, error }
-}
-
-/// How long one attempt at connecting to Redis may take.
-const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a Redis command may wait for its answer.
-const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Attempts at the first connection to Redis, at start-up.
-const REDIS_START_ATTEMPTS: u32 = 3;
-/// Pause between those attempts.
-const REDIS_START_PAUSE: Duration = Duration::from_millis(300);
-
-/// The settings of the Redis command connection. While Redis is away a
-/// send should get `unavailable` within seconds, so every reconnect is a
-/// single attempt: the connection manager makes each command issued during
-/// a reconnect wait for all of it, retries and their backoff included,
-/// before the command's own response timeout even starts. With two retries
-/// that was up to 4 s per command against a Redis that accepts connections
-/// but does not answer (one starting up, or stalled), several times over
-/// in one send. Without retries a command waits for at most one connect
-/// attempt, and the next command after a failed attempt starts a new one.
-pub(crate) fn redis_config() -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-        .set_number_of_retries(0)
-}
-
-/// The Redis client of the command connection and the relay's
-/// subscription, with `TCP_NODELAY`: the command connection pipelines many
-/// small requests, and with Nagle's algorithm one written while an earlier
-/// one is unacknowledged waits for that acknowledgement.
-fn redis_client(url: &str) -> Result<redis::Client, ChatError> {
-    let info = url
-        .into_connection_info()
-        .map_err(|e| ChatError::Unavailable(e.to_string()))?;
-    let tcp = info.tcp_settings().clone().set_nodelay(true);
-    redis::Client::open(info.set_tcp_settings(tcp))
-        .map_err(|e| ChatError::Unavailable(e.to_string()))
-}
-
-/// The Redis command connection. Start-up keeps a few attempts of its own
-/// (the manager's reconnects have none).
-async fn connect_redis(client: &redis::Client) -> Result<ConnectionManager, ChatError> {
-    let mut attempt = 1;
-    loop {
-        match ConnectionManager::new_with_config(client.clone(), redis_config()).await {
-            Ok(redis) => return Ok(redis),
-            Err(e) if attempt < REDIS_START_ATTEMPTS => {
-                log::warn!("Redis does not answer yet ({e}); trying again.");
-                attempt += 1;
-                tokio::time::sleep(REDIS_START_PAUSE).await;
-            }
-            Err(e) => return Err(ChatError::Unavailable(e.to_string())),
-        }
-    }
 }
 
 /// Connects every service; fails naming the first one that does not answer.
@@ -94,12 +44,26 @@ pub(crate) async fn connect(
     c: &ClusterSettings,
     metrics: Arc<Metrics>,
 ) -> Result<ClusterParts, StartError> {
-    let client = redis_client(&c.redis.url).map_err(service("redis"))?;
-    let redis = connect_redis(&client).await.map_err(service("redis"))?;
+    let redis = redis::connect(&c.redis).await.map_err(service("redis"))?;
+    ensure_unique_id(&redis, &settings.node.id).await?;
     let sink = KafkaSink::connect(&c.kafka, metrics.clone())
         .await
-        .map_err(service("kafka"))?
-        .start();
+        .map_err(service("kafka"))?;
+    let topic = sink.topic_check().clone();
+    if let Durability::Unsafe(unsafe_settings) = &topic.durability {
+        if !c.kafka.allow_unsafe_durability {
+            return Err(StartError::UnsafeDurability {
+                topic: c.kafka.topic.clone(),
+                settings: unsafe_settings.join(", "),
+            });
+        }
+        log::warn!(
+            "Kafka topic {} could lose acknowledged messages ({}): starting anyway because kafka.allow_unsafe_durability = true. Fit for a single development broker only.",
+            c.kafka.topic,
+            topic.durability.describe()
+        );
+    }
+    let sink = sink.start();
     let mongo = Arc::new(
         MongoStore::connect(&c.mongo)
             .await
@@ -117,18 +81,58 @@ pub(crate) async fn connect(
     });
     let store = ClusterStore::new(
         redis.clone(),
-        sink,
+        Arc::new(sink),
         mongo,
+        c.kafka.clone(),
         c.redis.clone(),
         settings.node.id.clone(),
     );
     Ok(ClusterParts {
         store,
         persist,
-        client,
+        topic,
         redis,
+        redis_settings: c.redis.clone(),
         metrics,
     })
+}
+
+/// Refuses to start when a live node already uses `node_id`: two nodes
+/// with one id would share one heartbeat and one set of members, and the
+/// sweep would never see either leave. A recent heartbeat may also be this
+/// node's own previous run (killed, now restarted): only one that moves on
+/// while we watch it for a heartbeat's interval is another node.
+async fn ensure_unique_id(redis: &RedisConn, node_id: &str) -> Result<(), StartError> {
+    let beat = |mut conn: RedisConn| {
+        let node = node_id.to_string();
+        async move {
+            let score: Option<i64> = ::redis::cmd("ZSCORE")
+                .arg(keys::NODES)
+                .arg(&node)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| ChatError::Unavailable(format!("redis: {e}")))?;
+            Ok::<_, ChatError>(score)
+        }
+    };
+    let Some(first) = beat(redis.clone()).await.map_err(service("redis"))? else {
+        return Ok(());
+    };
+    let age = crate::protocol::now_ms() - first;
+    if age > DEAD_AFTER.as_millis() as i64 {
+        return Ok(());
+    }
+    log::info!(
+        "Node id {node_id} had a heartbeat {age} ms ago; checking that no other node uses it."
+    );
+    tokio::time::sleep(Duration::from_secs(u64::from(HEARTBEAT_SECS) + 1)).await;
+    let again = beat(redis.clone()).await.map_err(service("redis"))?;
+    match again {
+        Some(later) if later > first => Err(StartError::DuplicateNodeId {
+            node_id: node_id.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl ClusterParts {
@@ -139,9 +143,9 @@ impl ClusterParts {
         registry: Addr<RoomRegistry>,
     ) -> Addr<RedisBridge> {
         let bridge = RedisBridge::new(
-            self.client,
+            self.redis_settings,
             self.redis,
-            registry.clone(),
+            RelayReports::to(&registry),
             settings.node.id.clone(),
             self.metrics,
         )

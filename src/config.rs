@@ -5,6 +5,8 @@
 //! the two in step. An unknown key, a malformed value or an inconsistent
 //! combination stops start-up with a message that names the key.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -58,10 +60,25 @@ pub enum Role {
 
 /// Redis: sequencing, de-duplication, the recent-history cache, presence
 /// and the relay between nodes.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
+    /// The Redis server; with `cluster`, one seed node of the Redis Cluster.
+    /// `rediss://` for TLS; credentials as `redis://user:password@host`.
     pub url: String,
+    /// A Redis Cluster: follow `MOVED`/`ASK`, and relay each room over
+    /// sharded pub/sub on a channel in the room's slot, so a message touches
+    /// one shard.
+    #[serde(default)]
+    pub cluster: bool,
+    /// More seed nodes of the Redis Cluster, tried when `url` does not
+    /// answer at start-up.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// With `rediss://`: a PEM file of the certificate authority to trust
+    /// instead of the system's roots (a private CA, or a self-signed one).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Messages per room kept in the recent-history cache (never dropping
     /// one MongoDB does not hold yet).
     #[serde(default = "default_cache_size")]
@@ -69,6 +86,20 @@ pub struct RedisSettings {
     /// How long a room remembers the cids it has accepted.
     #[serde(default = "default_cid_ttl")]
     pub cid_ttl_secs: u64,
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(&self.url))
+            .field("cluster", &self.cluster)
+            .field("urls", &urls)
+            .field("ca_file", &self.ca_file)
+            .field("cache_size", &self.cache_size)
+            .field("cid_ttl_secs", &self.cid_ttl_secs)
+            .finish()
+    }
 }
 
 fn default_cache_size() -> usize {
@@ -91,6 +122,15 @@ pub struct KafkaSettings {
     /// Replication factor of the topic when the node creates it.
     #[serde(default = "default_replication")]
     pub replication_factor: i32,
+    /// Start even when the topic could lose an acked message (replication
+    /// factor 1, `min.insync.replicas` below 2, unclean leader election):
+    /// for a single development broker only.
+    #[serde(default)]
+    pub allow_unsafe_durability: bool,
+    /// librdkafka properties given to every Kafka client of the node
+    /// (`[kafka.client]`): security, SASL, TLS, timeouts.
+    #[serde(default)]
+    pub client: KafkaClientProperties,
     /// How long the producer waits to fill a batch.
     #[serde(default = "default_linger")]
     pub linger_ms: u64,
@@ -114,8 +154,136 @@ fn default_partitions() -> i32 {
 }
 
 fn default_replication() -> i32 {
-    1
+    3
 }
+
+/// The librdkafka properties of `[kafka.client]`, for example
+/// `"security.protocol" = "SASL_SSL"`. Values may be secrets (passwords,
+/// keys), so `Debug` shows the keys only, and no message of the node
+/// quotes a value.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaClientProperties(BTreeMap<String, String>);
+
+impl KafkaClientProperties {
+    /// The properties, as librdkafka takes them.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<const N: usize> From<[(&str, &str); N]> for KafkaClientProperties {
+    fn from(pairs: [(&str, &str); N]) -> Self {
+        Self(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Debug for KafkaClientProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Redacted;
+        impl fmt::Debug for Redacted {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("<redacted>")
+            }
+        }
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, Redacted)))
+            .finish()
+    }
+}
+
+impl<'de> Deserialize<'de> for KafkaClientProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<String, PropertyValue>::deserialize(deserializer)?;
+        Ok(Self(map.into_iter().map(|(k, v)| (k, v.0)).collect()))
+    }
+}
+
+/// A librdkafka property value: librdkafka takes strings, and TOML numbers
+/// and booleans are written as it expects them. Errors never quote it.
+struct PropertyValue(String);
+
+impl<'de> Deserialize<'de> for PropertyValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PropertyValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, integer, float or boolean")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<PropertyValue, E> {
+                Ok(PropertyValue(v.to_string()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<PropertyValue, E> {
+                Ok(PropertyValue(v.to_string()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<PropertyValue, E> {
+                Ok(PropertyValue(v.to_string()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<PropertyValue, E> {
+                Ok(PropertyValue(v.to_string()))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<PropertyValue, E> {
+                Ok(PropertyValue(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// librdkafka properties the node sets itself because the log's guarantees
+/// rest on them, with their librdkafka aliases, and what sets them instead.
+/// `[kafka.client]` may not name them: a value there would be overridden,
+/// or would break an ack or the persist workers' offsets.
+pub const KAFKA_NODE_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "kafka.brokers"),
+    ("metadata.broker.list", "kafka.brokers"),
+    ("group.id", "kafka.group"),
+    ("linger.ms", "kafka.linger_ms"),
+    ("queue.buffering.max.ms", "kafka.linger_ms"),
+    ("message.timeout.ms", "kafka.message_timeout_ms"),
+    ("delivery.timeout.ms", "kafka.message_timeout_ms"),
+    ("enable.idempotence", "the node (always true)"),
+    ("acks", "the node (always all)"),
+    ("request.required.acks", "the node (always all)"),
+    (
+        "transactional.id",
+        "the node (the producer is not transactional)",
+    ),
+    (
+        "enable.auto.commit",
+        "the node (offsets are committed once stored)",
+    ),
+    (
+        "auto.commit.enable",
+        "the node (offsets are committed once stored)",
+    ),
+    (
+        "enable.auto.offset.store",
+        "the node (offsets are committed once stored)",
+    ),
+    ("auto.offset.reset", "the node (always earliest)"),
+    ("enable.partition.eof", "the node"),
+    (
+        "partition.assignment.strategy",
+        "the node (cooperative-sticky)",
+    ),
+    (
+        "group.protocol",
+        "the node (classic, with cooperative-sticky)",
+    ),
+    ("session.timeout.ms", "the node"),
+    ("client.id", "the node"),
+    ("socket.nagle.disable", "the node"),
+];
 
 fn default_linger() -> u64 {
     2
@@ -130,18 +298,238 @@ fn default_group() -> String {
 }
 
 /// MongoDB: long-term message storage and history.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MongoSettings {
+    /// `mongodb://` or `mongodb+srv://` URL. It may carry a password and
+    /// TLS options, so it is printed only through [`redact_url`] (the
+    /// `Debug` output does that too).
     pub url: String,
     pub database: String,
     /// Most messages a persist worker writes in one insert.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// How many replica set members must have a write before MongoDB
+    /// acknowledges it (`w`).
+    #[serde(default)]
+    pub write_concern: WriteConcern,
+    /// Whether an acknowledged write must also be in the on-disk journal
+    /// of those members (`j`).
+    #[serde(default = "default_journal")]
+    pub journal: bool,
+}
+
+impl MongoSettings {
+    /// `url` and `database` with every other key at its default.
+    pub fn new(url: impl Into<String>, database: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            database: database.into(),
+            batch_size: default_batch(),
+            write_concern: WriteConcern::default(),
+            journal: default_journal(),
+        }
+    }
+}
+
+impl std::fmt::Debug for MongoSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoSettings")
+            .field("url", &redact_url(&self.url))
+            .field("database", &self.database)
+            .field("batch_size", &self.batch_size)
+            .field("write_concern", &self.write_concern)
+            .field("journal", &self.journal)
+            .finish()
+    }
 }
 
 fn default_batch() -> usize {
     500
+}
+
+fn default_journal() -> bool {
+    true
+}
+
+/// Largest `mongo.write_concern` number: a replica set has at most 50
+/// members, and a write waiting for more would never be acknowledged.
+pub const MAX_WRITE_MEMBERS: u32 = 50;
+
+/// `mongo.write_concern`: `"majority"` (the default), or a number of
+/// members from 1 to [`MAX_WRITE_MEMBERS`]. Anything else, 0 (a write
+/// nobody acknowledges) included, is refused at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteConcern {
+    /// A majority of the voting members: what survives a failover.
+    #[default]
+    Majority,
+    /// This many members, the primary included.
+    Members(u32),
+}
+
+impl WriteConcern {
+    fn members<E: serde::de::Error>(n: i128) -> Result<Self, E> {
+        match u32::try_from(n) {
+            Ok(n @ 1..=MAX_WRITE_MEMBERS) => Ok(Self::Members(n)),
+            _ => Err(E::custom(format!(
+                "{n} members: must be \"majority\" or a number of members from 1 to {MAX_WRITE_MEMBERS}"
+            ))),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WriteConcern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = WriteConcern;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(
+                    f,
+                    "\"majority\" or a number of members from 1 to {MAX_WRITE_MEMBERS}"
+                )
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<WriteConcern, E> {
+                WriteConcern::members(i128::from(n))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<WriteConcern, E> {
+                WriteConcern::members(i128::from(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<WriteConcern, E> {
+                if s == "majority" {
+                    return Ok(WriteConcern::Majority);
+                }
+                // An environment override "0" that failed as a number is
+                // retried as a string: give it the same answer.
+                match s.parse::<i128>() {
+                    Ok(n) => WriteConcern::members(n),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// What stands in for a secret in anything printed.
+pub const REDACTED: &str = "***";
+
+/// `url` fit to print: the password of its user info and the values of
+/// query options that carry secrets (`…password…`, `…secret…`,
+/// `…token…`, `authMechanismProperties`) become `***`. For service URLs of
+/// any scheme (`mongodb://`, `mongodb+srv://`, `redis://`, `rediss://`)
+/// and for lists without a scheme (Kafka's `host:port,host:port`). A user
+/// info without `:` is hidden whole, since some clients read it as a
+/// password. The user info is taken to end at the last `@`, so that a
+/// password with unencoded `@`, `/` or `?` is still hidden whole; a `@`
+/// in the query therefore hides everything before it too.
+pub fn redact_url(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut from = 0;
+    for span in secret_spans(url) {
+        out.push_str(&url[from..span.start]);
+        out.push_str(REDACTED);
+        from = span.end;
+    }
+    out.push_str(&url[from..]);
+    out
+}
+
+/// `text` (an error message, say) with `url` replaced by
+/// [`redact_url`]`(url)`, and every secret of `url`, as written and
+/// percent-decoded, replaced by `***` wherever else it appears.
+pub fn redact_secrets(text: &str, url: &str) -> String {
+    let mut out = if url.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(url, &redact_url(url))
+    };
+    let mut secrets: Vec<String> = Vec::new();
+    for span in secret_spans(url) {
+        let raw = &url[span];
+        secrets.push(raw.to_string());
+        secrets.push(percent_decode(raw));
+    }
+    // Longest first, so a secret that contains another goes whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(secret.as_str(), REDACTED);
+    }
+    out
+}
+
+/// Byte ranges of `url` that hold secrets, in order, not overlapping.
+fn secret_spans(url: &str) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    // The user info ends at the last `@`: an unencoded password may hold
+    // `@`, `/` or `?`, and hiding too much beats showing a secret.
+    let mut after_userinfo = start;
+    if let Some(at) = rest.rfind('@') {
+        let userinfo = &rest[..at];
+        let secret = match userinfo.find(':') {
+            Some(colon) => start + colon + 1..start + at,
+            None => start..start + at,
+        };
+        if !secret.is_empty() {
+            spans.push(secret);
+        }
+        after_userinfo = start + at + 1;
+    }
+    let Some(q) = url[after_userinfo..].find('?') else {
+        return spans;
+    };
+    let query_start = after_userinfo + q + 1;
+    let query_end = url[query_start..]
+        .find('#')
+        .map_or(url.len(), |i| query_start + i);
+    let mut offset = query_start;
+    for option in url[query_start..query_end].split(['&', ';']) {
+        if let Some((key, value)) = option.split_once('=') {
+            if is_secret_option(key) && !value.is_empty() {
+                let value_start = offset + key.len() + 1;
+                spans.push(value_start..value_start + value.len());
+            }
+        }
+        offset += option.len() + 1;
+    }
+    spans
+}
+
+/// Whether a URL query option carries a secret.
+fn is_secret_option(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token"]
+        .iter()
+        .any(|word| key.contains(word))
+        || key == "authmechanismproperties"
+}
+
+/// `%XX` sequences decoded (invalid UTF-8 replaced), everything else kept.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The three services of cluster mode, once checked to be all present.
@@ -342,10 +730,14 @@ impl Settings {
                         .iter()
                         .position(|(sec, key, _)| path == format!("{sec}.{key}"));
                     let Some(i) = found else {
-                        return Err(ConfigError::Key {
-                            key: path,
-                            message: e.inner().message().to_string(),
-                        });
+                        // Serde's messages quote the value, and those of
+                        // [kafka.client] may be secrets.
+                        let message = if path.starts_with("kafka.client") {
+                            "must be a table of librdkafka properties, each a string, integer, float or boolean".into()
+                        } else {
+                            e.inner().message().to_string()
+                        };
+                        return Err(ConfigError::Key { key: path, message });
                     };
                     let (sec, key, raw) = retypable.swap_remove(i);
                     if let Some(toml::Value::Table(t)) = table.get_mut(&sec) {
@@ -444,6 +836,19 @@ impl Settings {
             if k.replication_factor < 1 {
                 return fail("kafka.replication_factor", "must be positive");
             }
+            for (key, _) in k.client.iter() {
+                let name = format!("kafka.client.{key}");
+                if key.trim().is_empty() {
+                    return fail(&name, "a librdkafka property name must not be empty");
+                }
+                let lower = key.trim().to_ascii_lowercase();
+                if let Some((_, by)) = KAFKA_NODE_PROPERTIES.iter().find(|(p, _)| *p == lower) {
+                    return fail(
+                        &name,
+                        &format!("is set by {by} and cannot be overridden in [kafka.client]"),
+                    );
+                }
+            }
         }
         if let Some(r) = &self.redis {
             if r.cache_size == 0 {
@@ -451,6 +856,12 @@ impl Settings {
             }
             if r.cid_ttl_secs == 0 {
                 return fail("redis.cid_ttl_secs", "must be positive");
+            }
+            if !r.urls.is_empty() && !r.cluster {
+                return fail(
+                    "redis.urls",
+                    "lists seed nodes of a Redis Cluster: set redis.cluster = true",
+                );
             }
         }
         if let Some(m) = &self.mongo {
@@ -622,11 +1033,342 @@ mod tests {
         }
     }
 
+    const CLUSTER: &str = "[redis]\nurl = \"redis://r\"\n[mongo]\nurl = \"mongodb://m\"\ndatabase = \"d\"\n[kafka]\nbrokers = \"b:9092\"\ntopic = \"t\"\n";
+
+    fn kafka_of(text: &str, vars: &[(&str, &str)]) -> Result<KafkaSettings, ConfigError> {
+        Settings::parse(&format!("{MINIMAL}{CLUSTER}{text}"), "t", env(vars))
+            .map(|s| s.kafka.unwrap())
+    }
+
+    /// The `[kafka]` keys shown commented out in default.toml are the
+    /// built-in defaults (the section cannot be live there: it would select
+    /// cluster mode).
+    #[test]
+    fn shipped_default_config_documents_the_kafka_defaults() {
+        let text = include_str!("../config/default.toml");
+        let block: Vec<&str> = text
+            .lines()
+            .skip_while(|l| l.trim() != "# [kafka]")
+            .skip(1)
+            .take_while(|l| !l.starts_with("# ["))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
+            })
+            .collect();
+        assert!(block.len() >= 9, "{block:?}");
+        let documented: KafkaSettings = toml::from_str(&block.join("\n")).unwrap();
+        let defaults = kafka_of("", &[]).unwrap();
+        assert_eq!(
+            documented,
+            KafkaSettings {
+                brokers: documented.brokers.clone(),
+                topic: documented.topic.clone(),
+                ..defaults.clone()
+            }
+        );
+        assert_eq!(defaults.replication_factor, 3);
+        assert!(!defaults.allow_unsafe_durability);
+        assert!(defaults.client.is_empty());
+    }
+
+    #[test]
+    fn kafka_client_properties_reach_the_settings_but_not_debug() {
+        let k = kafka_of(
+            "allow_unsafe_durability = true\n[kafka.client]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2-secret\"\n\"socket.timeout.ms\" = 30000\n\"ssl.endpoint.identification.algorithm\" = \"none\"\n\"socket.keepalive.enable\" = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(k.allow_unsafe_durability);
+        let props: Vec<_> = k.client.iter().collect();
+        assert!(
+            props.contains(&("security.protocol", "SASL_SSL")),
+            "{props:?}"
+        );
+        assert!(props.contains(&("sasl.password", "hunter2-secret")));
+        assert!(props.contains(&("socket.timeout.ms", "30000")));
+        assert!(props.contains(&("socket.keepalive.enable", "true")));
+        let s = Settings::parse(
+            &format!("{MINIMAL}{CLUSTER}[kafka.client]\n\"sasl.password\" = \"hunter2-secret\"\n"),
+            "t",
+            Vec::new(),
+        )
+        .unwrap();
+        for shown in [
+            format!("{s:?}"),
+            format!("{s:#?}"),
+            format!("{:?}", s.cluster()),
+        ] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("sasl.password"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn kafka_client_table_comes_whole_from_the_environment() {
+        let k = kafka_of(
+            "[kafka.client]\n\"sasl.username\" = \"from-file\"\n",
+            &[(
+                "SCALABLE_CHAT__KAFKA__CLIENT",
+                r#"{ "sasl.mechanism" = "SCRAM-SHA-512", "sasl.password" = "p" }"#,
+            )],
+        )
+        .unwrap();
+        let props: Vec<_> = k.client.iter().collect();
+        assert_eq!(
+            props,
+            vec![("sasl.mechanism", "SCRAM-SHA-512"), ("sasl.password", "p")]
+        );
+    }
+
+    #[test]
+    fn kafka_client_errors_never_quote_a_value() {
+        for (text, vars, key) in [
+            ("client = \"hunter2-secret\"\n", vec![], "kafka.client"),
+            (
+                "[kafka.client]\n\"sasl.password\" = [\"hunter2-secret\"]\n",
+                vec![],
+                "kafka.client.sasl.password",
+            ),
+            (
+                "",
+                vec![(
+                    "SCALABLE_CHAT__KAFKA__CLIENT",
+                    "sasl.password=hunter2-secret",
+                )],
+                "kafka.client",
+            ),
+        ] {
+            let e = kafka_of(text, &vars).unwrap_err();
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains(&format!("`{key}`")), "{shown}");
+        }
+    }
+
+    #[test]
+    fn kafka_client_may_not_override_what_the_node_sets() {
+        for key in [
+            "enable.idempotence",
+            "acks",
+            "request.required.acks",
+            "enable.auto.commit",
+            "group.id",
+            "bootstrap.servers",
+            "Metadata.Broker.List",
+            "partition.assignment.strategy",
+            "auto.offset.reset",
+            "message.timeout.ms",
+        ] {
+            let e = kafka_of(&format!("[kafka.client]\n\"{key}\" = \"x\"\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`kafka.client.{key}`")), "{e}");
+            assert!(e.contains("cannot be overridden"), "{e}");
+        }
+        let e = kafka_of("[kafka.client]\n\"\" = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka.client"), "{e}");
+    }
+
     #[test]
     fn badly_named_environment_variable_is_refused() {
         let e = Settings::parse(MINIMAL, "t", env(&[("SCALABLE_CHAT__BIND", "x")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("SCALABLE_CHAT__BIND"), "{e}");
+    }
+
+    /// A cluster config whose `[mongo]` section ends with `extra`.
+    fn cluster_with_mongo(extra: &str) -> String {
+        format!(
+            "{MINIMAL}[redis]\nurl = \"redis://127.0.0.1\"\n[kafka]\nbrokers = \"b\"\ntopic = \"t\"\n\
+             [mongo]\nurl = \"mongodb://x\"\ndatabase = \"d\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn mongo_write_concern_defaults_to_majority_with_journal() {
+        let s = Settings::parse(&cluster_with_mongo(""), "t", Vec::new()).unwrap();
+        let m = s.mongo.unwrap();
+        assert_eq!(m.write_concern, WriteConcern::Majority);
+        assert!(m.journal);
+        assert_eq!(m, MongoSettings::new("mongodb://x", "d"));
+    }
+
+    #[test]
+    fn mongo_write_concern_takes_majority_or_a_number_of_members() {
+        for (text, want) in [
+            ("\"majority\"", WriteConcern::Majority),
+            ("1", WriteConcern::Members(1)),
+            ("3", WriteConcern::Members(3)),
+            ("50", WriteConcern::Members(50)),
+        ] {
+            let s = Settings::parse(
+                &cluster_with_mongo(&format!("write_concern = {text}\njournal = false\n")),
+                "t",
+                Vec::new(),
+            )
+            .unwrap();
+            let m = s.mongo.unwrap();
+            assert_eq!(m.write_concern, want, "{text}");
+            assert!(!m.journal);
+        }
+        for (raw, want) in [
+            ("majority", WriteConcern::Majority),
+            ("2", WriteConcern::Members(2)),
+            ("\"2\"", WriteConcern::Members(2)),
+        ] {
+            let s = Settings::parse(
+                &cluster_with_mongo(""),
+                "t",
+                env(&[("SCALABLE_CHAT__MONGO__WRITE_CONCERN", raw)]),
+            )
+            .unwrap();
+            assert_eq!(s.mongo.unwrap().write_concern, want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn invalid_mongo_write_concern_is_refused_naming_the_key() {
+        for text in [
+            "0",
+            "-1",
+            "51",
+            "99999999999",
+            "\"Majority\"",
+            "\"most\"",
+            "\"\"",
+            "true",
+            "1.5",
+            "[1]",
+        ] {
+            let e = Settings::parse(
+                &cluster_with_mongo(&format!("write_concern = {text}\n")),
+                "t",
+                Vec::new(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("mongo.write_concern"), "{text}: {e}");
+        }
+        for raw in ["0", "most", "-3"] {
+            let e = Settings::parse(
+                &cluster_with_mongo(""),
+                "t",
+                env(&[("SCALABLE_CHAT__MONGO__WRITE_CONCERN", raw)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("mongo.write_concern"), "{raw}: {e}");
+        }
+        let e = Settings::parse(&cluster_with_mongo("journal = \"yes\"\n"), "t", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mongo.journal"), "{e}");
+    }
+
+    /// The `key = value` lines of one commented-out section of the shipped
+    /// file (`# [mongo]` up to the next `# [...]` or the end), uncommented.
+    fn commented_section(text: &str, section: &str) -> String {
+        let header = format!("# [{section}]");
+        let mut lines = text.lines().skip_while(|l| l.trim() != header).skip(1);
+        let mut out = String::new();
+        for line in lines.by_ref() {
+            if line.starts_with("# [") {
+                break;
+            }
+            let Some(body) = line.strip_prefix("# ") else {
+                continue;
+            };
+            let is_key = body.split_once(" = ").is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c == '_' || c.is_ascii_lowercase())
+            });
+            if is_key {
+                out.push_str(body);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn shipped_default_config_documents_the_mongo_defaults() {
+        let text = include_str!("../config/default.toml");
+        let section = commented_section(text, "mongo");
+        let shown: MongoSettings = toml::from_str(&section).unwrap();
+        assert_eq!(
+            shown,
+            MongoSettings::new(shown.url.clone(), shown.database.clone()),
+            "the [mongo] values in default.toml are not the defaults:\n{section}"
+        );
+        for key in ["url", "database", "batch_size", "write_concern", "journal"] {
+            assert!(
+                section.contains(&format!("{key} = ")),
+                "default.toml does not show mongo.{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_and_secret_options() {
+        for (url, want) in [
+            (
+                "mongodb://chat:s3cret@db1:27017,db2:27017/?tls=true&authSource=admin",
+                "mongodb://chat:***@db1:27017,db2:27017/?tls=true&authSource=admin",
+            ),
+            (
+                "mongodb+srv://chat:p%40ss%2Fw0rd@cluster0.example.net/chat?retryWrites=true",
+                "mongodb+srv://chat:***@cluster0.example.net/chat?retryWrites=true",
+            ),
+            // Unencoded `@`, `/` and `?` in the password still go whole.
+            ("mongodb://u:a@b/c?d@host/db", "mongodb://u:***@host/db"),
+            ("redis://:hunter2@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+            ("rediss://default:pw@cache:6380", "rediss://default:***@cache:6380"),
+            // A bare user info may be a password: hidden whole.
+            ("redis://tok3n@cache", "redis://***@cache"),
+            ("mongodb://u:@h", "mongodb://u:@h"),
+            (
+                "mongodb://h/?tlsCertificateKeyFilePassword=kp&authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:tt&appName=x",
+                "mongodb://h/?tlsCertificateKeyFilePassword=***&authMechanism=MONGODB-AWS&authMechanismProperties=***&appName=x",
+            ),
+            ("redis://h/?password=pw;db=1", "redis://h/?password=***;db=1"),
+            // A `@` in the query: more is hidden, never less.
+            ("mongodb://h/?appName=a@b", "mongodb://***@b"),
+            // Nothing secret: unchanged.
+            ("mongodb://127.0.0.1:27017", "mongodb://127.0.0.1:27017"),
+            ("127.0.0.1:9092,127.0.0.2:9092", "127.0.0.1:9092,127.0.0.2:9092"),
+            ("sasl_ssl://user:pw@k1:9093", "sasl_ssl://user:***@k1:9093"),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn redact_secrets_scrubs_the_url_and_its_decoded_password() {
+        let url = "mongodb://chat:p%40ss%2Fw0rd@db:27017/?authSource=admin";
+        let text =
+            format!("cannot connect to {url}: auth failed for chat with p@ss/w0rd (p%40ss%2Fw0rd)");
+        let scrubbed = redact_secrets(&text, url);
+        assert_eq!(
+            scrubbed,
+            "cannot connect to mongodb://chat:***@db:27017/?authSource=admin: auth failed for chat with *** (***)"
+        );
+        assert_eq!(
+            redact_secrets("no secrets here", "mongodb://h"),
+            "no secrets here"
+        );
+    }
+
+    #[test]
+    fn mongo_settings_debug_hides_the_password() {
+        let m = MongoSettings::new("mongodb://chat:s3cret@db/?tls=true", "d");
+        let shown = format!("{m:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("mongodb://chat:***@db/?tls=true"), "{shown}");
     }
 }

@@ -4,6 +4,8 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
+use std::net::SocketAddr;
+
 use serde_json::json;
 
 /// Everything a request can be refused for.
@@ -38,7 +40,43 @@ pub enum ChatError {
     Internal(String),
 }
 
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the message store: {}", .0.detail())]
+    Store(ChatError),
+    #[error("cannot reach {service}: {}", error.detail())]
+    Service {
+        service: &'static str,
+        error: ChatError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Server(std::io::Error),
+    #[error(
+        "node.id `{node_id}` is in use by a live node (its heartbeat moves on): give every node its own node.id"
+    )]
+    DuplicateNodeId { node_id: String },
+    #[error(
+        "kafka topic {topic} could lose acknowledged messages: {settings} (a replication factor of at least 2, min.insync.replicas of at least 2 and unclean.leader.election.enable=false are needed); set kafka.allow_unsafe_durability = true to start anyway, for a single development broker only"
+    )]
+    UnsafeDurability { topic: String, settings: String },
+}
+
 impl ChatError {
+    /// The details for the node's log: the `Display` of some variants is
+    /// the sentence meant for clients, and hides what went wrong.
+    pub fn detail(&self) -> String {
+        match self {
+            ChatError::Unavailable(m) | ChatError::Internal(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// The stable code clients match on.
     pub fn code(&self) -> &'static str {
         match self {

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub persist_messages: AtomicU64,
     /// Times the Redis relay connection was re-established.
     pub redis_reconnects: AtomicU64,
+    /// Messages MongoDB refused because their cid was stored already under
+    /// another id: a second message for one cid got through (see the
+    /// persist workers' log for the two ids).
+    pub cid_conflicts: AtomicU64,
     errors: [AtomicU64; ChatError::CODES.len()],
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
@@ -114,6 +118,11 @@ impl Metrics {
             "redis_reconnects_total",
             "Times the Redis relay connection was re-established.",
             self.redis_reconnects.load(Relaxed),
+        );
+        counter(
+            "cid_conflicts_total",
+            "Messages not stored because their cid was stored under another id.",
+            self.cid_conflicts.load(Relaxed),
         );
         counter(
             "messages_in_total",
@@ -197,6 +206,7 @@ mod tests {
             "consumer_lag",
             "persist_batches_total",
             "redis_reconnects_total",
+            "cid_conflicts_total",
         ] {
             assert!(
                 text.contains(&format!("\nscalable_chat_{name} 0\n")),

@@ -12,14 +12,14 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use futures_util::future::join_all;
 
-use super::redis_bridge::{Event, RedisBridge, Unsubscribe};
+use super::messages::{Publish, RelayDown, RemoteEvent, Resync, Shutdown};
+use super::outbox::SessionOutbox;
+use super::redis_bridge::{RedisBridge, Unsubscribe};
 use super::room::{
-    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, Joined, LeaveRoom, RelayDown, Remote,
-    Room, TypingIn,
+    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, Joined, LeaveRoom, Remote, Room, TypingIn,
 };
-use super::session::{SessionOutbox, Shutdown};
 use crate::metrics::Metrics;
-use crate::protocol::{frames, ChatMessage, User};
+use crate::protocol::{frames, User};
 use crate::store::MessageStore;
 
 /// A session opened; it will be told to close when the node drains.
@@ -65,31 +65,12 @@ pub struct Typing {
     pub user: User,
 }
 
-/// A message became durable: deliver it to the room's local members.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Publish {
-    pub message: ChatMessage,
-}
-
 /// The members (distinct users) of a room on this node.
 #[derive(Message)]
 #[rtype(result = "Vec<User>")]
 pub struct Members {
     pub room: String,
 }
-
-/// Presence or typing published by another node.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RemoteEvent {
-    pub event: Event,
-}
-
-/// The relay reconnected: every room backfills what it may have missed.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Resync;
 
 /// Warm the recent-history cache of every room with local members (a
 /// scheduled job).
@@ -141,6 +122,17 @@ impl RoomRegistry {
             store,
             bridge: None,
             metrics,
+        }
+    }
+
+    /// The rooms with local members: one, or all for `None`.
+    fn entries<'a>(
+        &'a self,
+        room: Option<&'a str>,
+    ) -> Box<dyn Iterator<Item = &'a RoomEntry> + 'a> {
+        match room {
+            Some(room) => Box::new(self.rooms.get(room).into_iter()),
+            None => Box::new(self.rooms.values()),
         }
     }
 
@@ -263,11 +255,7 @@ impl Handler<Members> for RoomRegistry {
 impl Handler<RemoteEvent> for RoomRegistry {
     type Result = ();
     fn handle(&mut self, msg: RemoteEvent, _: &mut Context<Self>) {
-        let room = match &msg.event {
-            Event::Presence { room, .. } | Event::Typing { room, .. } => room,
-            Event::Msg { m, .. } => &m.room,
-        };
-        if let Some(entry) = self.rooms.get(room) {
+        if let Some(entry) = self.rooms.get(msg.event.room()) {
             entry.addr.do_send(Remote { event: msg.event });
         }
     }
@@ -275,17 +263,19 @@ impl Handler<RemoteEvent> for RoomRegistry {
 
 impl Handler<RelayDown> for RoomRegistry {
     type Result = ();
-    fn handle(&mut self, _: RelayDown, _: &mut Context<Self>) {
-        for entry in self.rooms.values() {
-            entry.addr.do_send(RelayDown);
+    fn handle(&mut self, msg: RelayDown, _: &mut Context<Self>) {
+        for entry in self.entries(msg.room.as_deref()) {
+            entry.addr.do_send(RelayDown {
+                room: msg.room.clone(),
+            });
         }
     }
 }
 
 impl Handler<Resync> for RoomRegistry {
     type Result = ();
-    fn handle(&mut self, _: Resync, _: &mut Context<Self>) {
-        for entry in self.rooms.values() {
+    fn handle(&mut self, msg: Resync, _: &mut Context<Self>) {
+        for entry in self.entries(msg.room.as_deref()) {
             entry.addr.do_send(Backfill);
         }
     }

@@ -12,15 +12,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytestring::ByteString;
 
-use super::redis_bridge::{Broadcast, Event, RedisBridge, RemoteMembers, Subscribe};
-use super::session::{FrameKind, SessionOutbox};
+use super::messages::RelayDown;
+use super::outbox::{FrameKind, SessionOutbox};
+use super::redis_bridge::{Broadcast, RedisBridge, RemoteMembers, Subscribe};
 use crate::metrics::Metrics;
 use crate::protocol::{frames, User};
-use crate::store::MessageStore;
-
-/// How long a message waits for a lower seq still in flight on another
-/// node before that seq is given up as failed.
-pub const HOLD_BACK: Duration = Duration::from_secs(1);
+use crate::store::channel::RoomEvent;
+use crate::store::{MessageStore, HOLD_BACK};
 /// Messages read per step when a room backfills after a relay gap.
 const BACKFILL_PAGE: usize = 500;
 /// Reads a backfill tries, and the pause between them.
@@ -81,7 +79,7 @@ pub struct TypingIn {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Remote {
-    pub event: Event,
+    pub event: RoomEvent,
 }
 
 /// The relay had a gap: deliver what was stored after the last delivered
@@ -89,14 +87,6 @@ pub struct Remote {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Backfill;
-
-/// The relay's connection is down: what was published meanwhile, or just
-/// before, may never arrive live, and the backfill that follows the
-/// reconnect finds it only above the last delivered seq. So the gate gives
-/// up no missing seq until that backfill has read the store.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RelayDown;
 
 /// The distinct users in the room.
 #[derive(Message)]
@@ -332,7 +322,7 @@ impl Room {
         }
     }
 
-    fn broadcast(&self, event: Event) {
+    fn broadcast(&self, event: RoomEvent) {
         if let Some(bridge) = &self.bridge {
             bridge.do_send(Broadcast {
                 room: self.name.to_string(),
@@ -470,7 +460,7 @@ impl Handler<JoinRoom> for Room {
         let count = self.users.entry(msg.user.id.clone()).or_insert(0);
         *count += 1;
         if *count == 1 {
-            self.broadcast(Event::Presence {
+            self.broadcast(RoomEvent::Presence {
                 node: self.node_id.clone(),
                 room: self.name.to_string(),
                 joined: vec![msg.user.clone()],
@@ -511,7 +501,7 @@ impl Handler<LeaveRoom> for Room {
             }
         };
         if last {
-            self.broadcast(Event::Presence {
+            self.broadcast(RoomEvent::Presence {
                 node: self.node_id.clone(),
                 room: self.name.to_string(),
                 joined: Vec::new(),
@@ -537,7 +527,7 @@ impl Handler<TypingIn> for Room {
         }
         let frame = frames::typing(&self.name, &msg.user);
         self.tell_others(&msg.user.id, frame.into());
-        self.broadcast(Event::Typing {
+        self.broadcast(RoomEvent::Typing {
             node: self.node_id.clone(),
             room: self.name.to_string(),
             user: msg.user,
@@ -549,7 +539,7 @@ impl Handler<Remote> for Room {
     type Result = ();
     fn handle(&mut self, msg: Remote, ctx: &mut Context<Self>) {
         match msg.event {
-            Event::Presence {
+            RoomEvent::Presence {
                 node, joined, left, ..
             } => {
                 // A user counts once, however many nodes they are on: the
@@ -563,11 +553,11 @@ impl Handler<Remote> for Room {
                     self.remove_remote(node.clone(), &user.id);
                 }
             }
-            Event::Typing { user, .. } => {
+            RoomEvent::Typing { user, .. } => {
                 let frame = frames::typing(&self.name, &user);
                 self.tell_others(&user.id, frame.into());
             }
-            Event::Msg { .. } => {}
+            RoomEvent::Msg { .. } => {}
         }
     }
 }

@@ -19,9 +19,9 @@ const TICK: Duration = Duration::from_millis(500);
 /// How often the caches of active rooms are checked and warmed.
 const WARM_EVERY_SECS: u32 = 30;
 /// A node heartbeats this often...
-const HEARTBEAT_SECS: u32 = 5;
+pub const HEARTBEAT_SECS: u32 = 5;
 /// ...and is taken for dead, its members removed, after this long silent.
-const DEAD_AFTER: Duration = Duration::from_secs(15);
+pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 
 /// Runs the node's scheduled jobs.
 pub struct Scheduler {

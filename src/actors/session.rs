@@ -3,24 +3,18 @@
 //! and writes node frames back; owns its heartbeat.
 //!
 //! Everything about the transport (actix-web-actors) lives in this file, so
-//! that moving to another WebSocket crate touches only it.
-//!
-//! ## Slow readers
-//! actix stops running a session's actor while its socket cannot take more
-//! bytes, so a session cannot police its own queue. Instead every frame for
-//! it goes through its [`SessionOutbox`], which counts the bytes queued and
-//! not yet taken by the socket: above `outbound_soft_bytes` typing and
-//! presence frames are dropped; above `outbound_hard_bytes` nothing more is
-//! queued and the session is asked to close with 1008. A client that takes
-//! no bytes at all keeps its session parked; the kernel drops such a
+//! that moving to another WebSocket crate touches only it. Frames for the
+//! session come through its [`SessionOutbox`], which applies the
+//! slow-reader policy; a join's replay is the plain state of
+//! [`super::replay`], driven from here. A client that takes no bytes at all
+//! keeps its session parked behind the full socket; the kernel drops such a
 //! connection after [`STALLED_SOCKET_TIMEOUT`] (`TCP_USER_TIMEOUT`, set on
-//! every accepted socket). Either way the room and every other member go
-//! on at full speed, and the cut-off client can resume with `join since`.
+//! every accepted socket).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -29,19 +23,18 @@ use actix_http::ws::{Codec, Item};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
 use bytes::{Bytes, BytesMut};
-use bytestring::ByteString;
 use futures_util::Stream;
 
+use super::app::AppState;
+use super::messages::Shutdown;
+use super::outbox::{wire_len, FrameKind, Outbound, SessionOutbox};
 use super::registry::{Connect, Disconnect, Join, Leave, Members, Typing};
+use super::replay::{Next, Offer, Replay, RoomFeed, REPLAY_PAGE};
 use crate::error::ChatError;
 use crate::limits::{AddressSlot, TokenBucket};
 use crate::protocol::{frames, parse_client_frame, ChatMessage, ClientOp, User};
 use crate::store::NewMessage;
-use crate::AppState;
 
-/// Messages read from the store per replay step; the session waits for its
-/// queue to drain between steps, so a long replay never floods it.
-const REPLAY_PAGE: usize = 500;
 /// How long a replay waits before checking a busy queue again.
 const REPLAY_BACKOFF: Duration = Duration::from_millis(20);
 
@@ -50,29 +43,6 @@ const REPLAY_BACKOFF: Duration = Duration::from_millis(20);
 /// drops it. This is what ends a client that never reads: its session is
 /// parked behind the full socket and cannot close it itself.
 const STALLED_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The node is draining: finish what was accepted, then close.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Shutdown;
-
-/// A frame for this session, already counted in its outbox.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Outbound {
-    pub frame: ByteString,
-    pub kind: FrameKind,
-}
-
-/// What an outbound frame is, for the slow-reader policy and the replay
-/// bookkeeping.
-#[derive(Debug, Clone)]
-pub enum FrameKind {
-    /// A `msg` frame: never dropped, and held back while its room replays.
-    Message { room: Arc<str>, seq: u64 },
-    /// Typing and presence: dropped first when the reader is slow.
-    Droppable,
-}
 
 /// Prepares an accepted connection (from `on_connect`): sets
 /// [`STALLED_SOCKET_TIMEOUT`] as its `TCP_USER_TIMEOUT`.
@@ -86,97 +56,6 @@ pub fn configure_connection(conn: &dyn std::any::Any) {
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     let _ = (tcp, STALLED_SOCKET_TIMEOUT);
-}
-
-/// The shared door to one session: counts the bytes queued for it and
-/// applies the slow-reader policy.
-pub struct SessionOutbox {
-    /// Set when the session starts.
-    addr: OnceLock<Recipient<Outbound>>,
-    /// Bytes of frames handed to the session and not yet taken by its
-    /// socket writer.
-    queued: AtomicUsize,
-    /// Set once the connection is being cut off.
-    closing: AtomicBool,
-    /// Set once the session is off the connections gauge: when it is cut
-    /// off, or when it stops, whichever comes first.
-    uncounted: AtomicBool,
-    soft: usize,
-    hard: usize,
-    app: Arc<AppState>,
-}
-
-impl SessionOutbox {
-    /// Queues a frame for the session, or applies the slow-reader policy.
-    pub fn push(&self, frame: ByteString, kind: FrameKind) {
-        let Some(addr) = self.addr.get() else {
-            return;
-        };
-        if self.closing.load(Relaxed) {
-            return;
-        }
-        let size = wire_len(frame.len());
-        let queued = self.queued.load(Relaxed);
-        if matches!(kind, FrameKind::Droppable) && queued + size > self.soft {
-            self.app.metrics.frames_dropped.fetch_add(1, Relaxed);
-            return;
-        }
-        if queued + size > self.hard {
-            self.cut_off();
-            return;
-        }
-        self.queued.fetch_add(size, Relaxed);
-        if let FrameKind::Message { .. } = kind {
-            self.app.metrics.messages_out.fetch_add(1, Relaxed);
-        }
-        addr.do_send(Outbound { frame, kind });
-    }
-
-    /// Closes a connection that reads too slowly with a 1008 close frame,
-    /// written once the client takes the bytes queued before it; a client
-    /// that takes none is dropped by the kernel after
-    /// [`STALLED_SOCKET_TIMEOUT`].
-    fn cut_off(&self) {
-        if self.closing.swap(true, Relaxed) {
-            return;
-        }
-        self.app.metrics.slow_closes.fetch_add(1, Relaxed);
-        self.uncount();
-        log::warn!("Closing a slow reader: its outbound queue is full.");
-        if let Some(addr) = self.addr.get() {
-            addr.do_send(Outbound {
-                frame: ByteString::new(),
-                kind: FrameKind::Droppable,
-            });
-        }
-    }
-
-    /// Takes the session off the connections gauge, once.
-    fn uncount(&self) {
-        if !self.uncounted.swap(true, Relaxed) {
-            self.app.metrics.connections.fetch_sub(1, Relaxed);
-        }
-    }
-
-    fn account(&self, size: usize) {
-        self.queued.fetch_add(size, Relaxed);
-    }
-
-    fn release(&self, size: usize) {
-        let _ = self
-            .queued
-            .fetch_update(Relaxed, Relaxed, |q| Some(q.saturating_sub(size)));
-    }
-}
-
-/// Bytes a server text frame of `payload` bytes takes on the wire.
-fn wire_len(payload: usize) -> usize {
-    payload
-        + match payload {
-            0..=125 => 2,
-            126..=65535 => 4,
-            _ => 10,
-        }
 }
 
 /// The response body: the session's encoded frames, counted out of its
@@ -201,25 +80,6 @@ where
     }
 }
 
-/// Where a joined room stands for this session.
-enum RoomState {
-    /// Joined; replay under way. Live messages wait here until the replay
-    /// has been written, then those not replayed follow it.
-    Replaying { held: Vec<(u64, ByteString)> },
-    /// Live, with the highest seq written: a live frame at or below it was
-    /// already sent by the replay (the store can be ahead of the relay).
-    Live { last: u64 },
-}
-
-/// A join's replay: the room, where it stops (the highest seq the room had
-/// delivered when the session joined; later ones come live) and the members
-/// for `joined`.
-struct Replay {
-    room: String,
-    upto: Option<u64>,
-    members: Vec<User>,
-}
-
 /// A message split in continuation frames, being put together.
 struct Partial {
     text: bool,
@@ -236,7 +96,7 @@ pub struct WsSession {
     outbox: Arc<SessionOutbox>,
     /// Anything from the client counts as a sign of life.
     last_heard: Instant,
-    rooms: HashMap<String, RoomState>,
+    rooms: HashMap<String, RoomFeed>,
     rate: TokenBucket,
     partial: Option<Partial>,
     /// Sends waiting for the store; a draining session closes at zero.
@@ -260,15 +120,11 @@ impl WsSession {
     ) -> Result<HttpResponse, ChatError> {
         let mut response = ws::handshake(req).map_err(|e| ChatError::bad_request(e.to_string()))?;
         let limits = &app.settings.limits;
-        let outbox = Arc::new(SessionOutbox {
-            addr: OnceLock::new(),
-            queued: AtomicUsize::new(0),
-            closing: AtomicBool::new(false),
-            uncounted: AtomicBool::new(false),
-            soft: limits.outbound_soft_bytes,
-            hard: limits.outbound_hard_bytes,
-            app: app.clone(),
-        });
+        let outbox = Arc::new(SessionOutbox::new(
+            limits.outbound_soft_bytes,
+            limits.outbound_hard_bytes,
+            app.metrics.clone(),
+        ));
         let session = WsSession {
             id: app.next_session_id(),
             name: ulid::Ulid::new().to_string(),
@@ -360,13 +216,10 @@ impl WsSession {
         match op {
             ClientOp::Join { room, since } => self.join(room, since, ctx),
             ClientOp::Leave { room } => {
-                let Some(state) = self.rooms.remove(&room) else {
+                let Some(feed) = self.rooms.remove(&room) else {
                     return self.emit_error(ctx, &ChatError::NotJoined, Some("leave"));
                 };
-                if let RoomState::Replaying { held } = state {
-                    let bytes: usize = held.iter().map(|(_, f)| wire_len(f.len())).sum();
-                    self.held_bytes = self.held_bytes.saturating_sub(bytes);
-                }
+                self.unhold(&feed);
                 self.app.registry.do_send(Leave {
                     session_id: self.id,
                     room,
@@ -447,24 +300,14 @@ impl WsSession {
         let max_rooms = self.app.settings.limits.max_rooms_per_session;
         let joined = self.rooms.len();
         match self.rooms.get_mut(&room) {
-            Some(state) => {
+            Some(feed) => {
                 // Joined already: replay again if asked, up to what was
                 // written live, then `joined`.
-                let upto = match *state {
-                    RoomState::Live { last } => Some(last),
-                    RoomState::Replaying { .. } => None,
-                };
-                if upto.is_some() {
-                    *state = RoomState::Replaying { held: Vec::new() };
-                }
+                let upto = feed.replay_again();
                 let members = self.app.registry.send(Members { room: room.clone() });
                 ctx.wait(members.into_actor(self).map(move |members, act, ctx| {
-                    let plan = Replay {
-                        room,
-                        upto,
-                        members: members.unwrap_or_default(),
-                    };
-                    act.replay(plan, since.unwrap_or(0), since.is_some(), ctx);
+                    let replay = Replay::new(room, since, upto, members.unwrap_or_default());
+                    act.replay(replay, ctx);
                 }));
             }
             None if joined >= max_rooms => {
@@ -472,8 +315,7 @@ impl WsSession {
                 self.emit_error(ctx, &e, Some("join"));
             }
             None => {
-                self.rooms
-                    .insert(room.clone(), RoomState::Replaying { held: Vec::new() });
+                self.rooms.insert(room.clone(), RoomFeed::replaying());
                 let join = self.app.registry.send(Join {
                     session_id: self.id,
                     user: self.user.clone(),
@@ -483,136 +325,126 @@ impl WsSession {
                 // Wait: frames after this join must see it done.
                 ctx.wait(join.into_actor(self).map(move |joined, act, ctx| {
                     let joined = joined.unwrap_or_default();
-                    let plan = Replay {
-                        room,
-                        upto: joined.delivered,
-                        members: joined.members,
-                    };
-                    act.replay(plan, since.unwrap_or(0), since.is_some(), ctx);
+                    let replay = Replay::new(room, since, joined.delivered, joined.members);
+                    act.replay(replay, ctx);
                 }));
             }
         }
     }
 
-    /// Writes every stored message after `cursor` up to `plan.upto` (when
-    /// `replay` is asked), a page at a time, then `joined`, then the live
-    /// messages held meanwhile that the replay did not cover.
-    fn replay(
-        &mut self,
-        plan: Replay,
-        cursor: u64,
-        replay: bool,
-        ctx: &mut WebsocketContext<Self>,
-    ) {
-        if !replay {
-            let last = self.app.store.last_seq(&plan.room);
-            ctx.spawn(last.into_actor(self).map(move |last, act, ctx| match last {
-                Ok(last_seq) => act.finish_join(&plan.room, 0, last_seq, &plan.members, ctx),
-                Err(e) => act.fail_join(&plan.room, &e, ctx),
-            }));
-            return;
-        }
-        if plan.upto.is_some_and(|upto| cursor >= upto) {
-            self.write_replay(plan, VecDeque::new(), false, cursor, ctx);
-            return;
-        }
-        let page = self.app.store.after(&plan.room, cursor, REPLAY_PAGE);
-        ctx.spawn(page.into_actor(self).map(move |page, act, ctx| match page {
-            Ok(mut page) => {
-                let mut full = page.len() == REPLAY_PAGE;
-                if let Some(upto) = plan.upto {
-                    let fetched = page.len();
-                    page.retain(|m| m.seq <= upto);
-                    full &= page.len() == fetched;
-                }
-                act.write_replay(plan, page.into(), full, cursor, ctx);
+    /// Takes a join's replay its next step: a page read from the store, or
+    /// `joined`.
+    fn replay(&mut self, replay: Replay, ctx: &mut WebsocketContext<Self>) {
+        match replay.next() {
+            Next::Read { after } => {
+                let page = self.app.store.after(&replay.room, after, REPLAY_PAGE);
+                ctx.spawn(page.into_actor(self).map(move |page, act, ctx| match page {
+                    Ok(page) => {
+                        let (page, more) = replay.take_page(page);
+                        act.write_replay(replay, page, more, ctx);
+                    }
+                    Err(e) => act.fail_join(&replay.room, &e, ctx),
+                }));
             }
-            Err(e) => act.fail_join(&plan.room, &e, ctx),
-        }));
+            Next::Join { replayed_to } => self.say_joined(replay, replayed_to, ctx),
+        }
     }
 
     /// Writes replayed messages while the socket keeps up (the queue stays
     /// under the soft limit), waiting for it to drain when it does not.
     fn write_replay(
         &mut self,
-        plan: Replay,
+        mut replay: Replay,
         mut page: VecDeque<ChatMessage>,
-        full: bool,
-        mut cursor: u64,
+        more: bool,
         ctx: &mut WebsocketContext<Self>,
     ) {
-        if !self.rooms.contains_key(&plan.room) {
+        if !self.rooms.contains_key(&replay.room) {
             return; // left meanwhile
         }
-        while self.outbox.queued.load(Relaxed) <= self.outbox.soft {
+        while self.outbox.has_room() {
             let Some(m) = page.pop_front() else {
                 break;
             };
-            cursor = m.seq;
+            replay.wrote(m.seq);
             self.app.metrics.messages_out.fetch_add(1, Relaxed);
             self.emit(ctx, frames::msg(&m));
         }
         if !page.is_empty() {
             ctx.run_later(REPLAY_BACKOFF, move |act, ctx| {
-                act.write_replay(plan, page, full, cursor, ctx);
+                act.write_replay(replay, page, more, ctx);
             });
-        } else if full {
-            self.replay(plan, cursor, true, ctx);
-        } else {
-            let last = self.app.store.last_seq(&plan.room);
-            ctx.spawn(last.into_actor(self).map(move |last, act, ctx| {
-                let last_seq = last.unwrap_or(cursor);
-                act.finish_join(&plan.room, cursor, last_seq, &plan.members, ctx);
-            }));
+            return;
+        }
+        match replay.after_page(more) {
+            Next::Read { .. } => self.replay(replay, ctx),
+            Next::Join { replayed_to } => self.say_joined(replay, replayed_to, ctx),
         }
     }
 
-    fn finish_join(
+    /// Reads the room's last seq, then says `joined`. Without a replay a
+    /// failed read fails the join; after one, the replay's end stands in.
+    fn say_joined(
         &mut self,
-        room: &str,
-        replayed_to: u64,
-        last_seq: u64,
-        members: &[User],
+        replay: Replay,
+        replayed_to: Option<u64>,
         ctx: &mut WebsocketContext<Self>,
     ) {
-        let Some(state) = self.rooms.get_mut(room) else {
+        let last = self.app.store.last_seq(&replay.room);
+        ctx.spawn(
+            last.into_actor(self)
+                .map(move |last, act, ctx| match (last, replayed_to) {
+                    (Ok(last_seq), _) => {
+                        act.finish_join(replay, replayed_to.unwrap_or(0), last_seq, ctx)
+                    }
+                    (Err(_), Some(cursor)) => act.finish_join(replay, cursor, cursor, ctx),
+                    (Err(e), None) => act.fail_join(&replay.room, &e, ctx),
+                }),
+        );
+    }
+
+    /// Writes `joined`, then the live messages held meanwhile that the
+    /// replay did not cover.
+    fn finish_join(
+        &mut self,
+        replay: Replay,
+        replayed_to: u64,
+        last_seq: u64,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        let Some(feed) = self.rooms.get_mut(&replay.room) else {
             return; // left meanwhile
         };
-        let held = match std::mem::replace(state, RoomState::Live { last: replayed_to }) {
-            RoomState::Replaying { held } => held,
-            RoomState::Live { .. } => Vec::new(),
-        };
+        let held = feed.go_live(replayed_to);
         self.held_bytes = 0;
-        let members = if members.is_empty() {
+        let members = if replay.members.is_empty() {
             vec![self.user.clone()]
         } else {
-            members.to_vec()
+            replay.members
         };
-        self.emit(ctx, frames::joined(room, last_seq, &members));
-        let mut last = replayed_to;
-        for (seq, frame) in held {
-            if seq > last {
-                last = seq;
-                self.outbox.account(wire_len(frame.len()));
-                ctx.text(frame);
-            }
-        }
-        if let Some(state) = self.rooms.get_mut(room) {
-            *state = RoomState::Live { last };
+        self.emit(ctx, frames::joined(&replay.room, last_seq, &members));
+        for frame in held {
+            self.outbox.account(wire_len(frame.len()));
+            ctx.text(frame);
         }
     }
 
     fn fail_join(&mut self, room: &str, e: &ChatError, ctx: &mut WebsocketContext<Self>) {
         log::warn!("Join of {room} failed: {e:?}.");
-        if let Some(RoomState::Replaying { held }) = self.rooms.remove(room) {
-            let bytes: usize = held.iter().map(|(_, f)| wire_len(f.len())).sum();
-            self.held_bytes = self.held_bytes.saturating_sub(bytes);
+        if let Some(feed) = self.rooms.remove(room) {
+            self.unhold(&feed);
         }
         self.app.registry.do_send(Leave {
             session_id: self.id,
             room: room.to_string(),
         });
         self.emit_error(ctx, e, Some("join"));
+    }
+
+    /// Uncounts the frames a room held for its replay.
+    fn unhold(&mut self, feed: &RoomFeed) {
+        let bytes: usize = feed.held().iter().map(|(_, f)| wire_len(f.len())).sum();
+        self.held_bytes = self.held_bytes.saturating_sub(bytes);
     }
 
     fn on_continuation(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
@@ -681,7 +513,7 @@ impl Actor for WsSession {
             self.user.name
         );
         self.app.metrics.connections.fetch_add(1, Relaxed);
-        let _ = self.outbox.addr.set(ctx.address().recipient());
+        self.outbox.attach(ctx.address().recipient());
         self.app.registry.do_send(Connect {
             session_id: self.id,
             addr: ctx.address().recipient(),
@@ -693,7 +525,7 @@ impl Actor for WsSession {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
-        self.outbox.closing.store(true, Relaxed);
+        self.outbox.close();
         self.app.registry.do_send(Disconnect {
             session_id: self.id,
             rooms: self.rooms.drain().map(|(room, _)| room).collect(),
@@ -710,38 +542,34 @@ impl Actor for WsSession {
 impl Handler<Outbound> for WsSession {
     type Result = ();
     fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
-        if self.outbox.closing.load(Relaxed) {
+        if self.outbox.is_closing() {
             if msg.frame.is_empty() {
                 // The outbox cut this session off.
                 self.close(ctx, CloseCode::Policy, "slow reader: outbound queue full");
             }
             return;
         }
-        if let FrameKind::Message { room, seq } = &msg.kind {
-            let size = wire_len(msg.frame.len());
-            match self.rooms.get_mut(&**room) {
-                Some(RoomState::Replaying { held }) => {
-                    // Held frames wait outside the queue (so the replay can
-                    // drain it), but within the same hard bound.
-                    held.push((*seq, msg.frame));
-                    self.outbox.release(size);
-                    self.held_bytes += size;
-                    if self.held_bytes > self.outbox.hard {
-                        self.app.metrics.slow_closes.fetch_add(1, Relaxed);
-                        self.close(ctx, CloseCode::Policy, "slow reader: too far behind");
-                    }
-                    return;
+        let FrameKind::Message { room, seq } = &msg.kind else {
+            return ctx.text(msg.frame);
+        };
+        let size = wire_len(msg.frame.len());
+        let Some(feed) = self.rooms.get_mut(&**room) else {
+            return self.outbox.release(size);
+        };
+        match feed.offer(*seq, msg.frame) {
+            Offer::Write(frame) => ctx.text(frame),
+            Offer::Stale => self.outbox.release(size),
+            Offer::Held => {
+                // Held frames wait outside the queue (so the replay can
+                // drain it), but within the same hard bound.
+                self.outbox.release(size);
+                self.held_bytes += size;
+                if self.held_bytes > self.outbox.hard_limit() {
+                    self.app.metrics.slow_closes.fetch_add(1, Relaxed);
+                    self.close(ctx, CloseCode::Policy, "slow reader: too far behind");
                 }
-                Some(RoomState::Live { last }) => {
-                    if *seq <= *last {
-                        return self.outbox.release(size);
-                    }
-                    *last = *seq;
-                }
-                None => return self.outbox.release(size),
             }
         }
-        ctx.text(msg.frame);
     }
 }
 
@@ -780,18 +608,5 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                 ctx.stop();
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wire_length_counts_the_header() {
-        assert_eq!(wire_len(0), 2);
-        assert_eq!(wire_len(125), 127);
-        assert_eq!(wire_len(126), 130);
-        assert_eq!(wire_len(70_000), 70_010);
     }
 }

@@ -8,7 +8,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::bearer_user;
+use super::bearer::bearer_user;
+use crate::actors::app::AppState;
 use crate::actors::registry::ListRooms;
 use crate::auth::{new_user_id, unix_now};
 use crate::error::ChatError;
@@ -16,7 +17,6 @@ use crate::protocol::{
     validate_cid, validate_limit, validate_room, validate_text, validate_user_name, User,
 };
 use crate::store::NewMessage;
-use crate::AppState;
 
 #[derive(Deserialize)]
 pub(super) struct GuestBody {

@@ -2,15 +2,14 @@
 //! and the web client's static files.
 
 mod api;
+mod bearer;
 mod health;
 mod ws;
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 
-use crate::auth::unix_now;
+use crate::actors::app::AppState;
 use crate::error::ChatError;
-use crate::protocol::User;
-use crate::AppState;
 
 /// Mounts every route. Errors of the extractors answer in the contract's
 /// error shape.
@@ -68,19 +67,4 @@ async fn placeholder() -> HttpResponse {
             "Run <code>make run</code> to build it, or speak the v1 protocol at ",
             "<code>/ws</code> (see docs/PROTOCOL.md).</p>"
         ))
-}
-
-/// The user of a `Authorization: Bearer <token>` header.
-pub(crate) fn bearer_user(req: &HttpRequest, app: &AppState) -> Result<User, ChatError> {
-    let header = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(ChatError::Unauthorized)?;
-    let token = header
-        .strip_prefix("Bearer ")
-        .ok_or(ChatError::Unauthorized)?;
-    app.tokens
-        .verify(token.trim(), unix_now())
-        .map_err(|_| ChatError::Unauthorized)
 }

@@ -3,10 +3,10 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
+use crate::actors::app::AppState;
 use crate::actors::session::WsSession;
 use crate::auth::unix_now;
 use crate::error::ChatError;
-use crate::AppState;
 
 #[derive(Deserialize)]
 pub(super) struct WsQuery {

@@ -22,170 +22,28 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
+use redis::AsyncCommands;
 
+use super::channel::RoomEvent;
+use super::kafka_scan::TailScan;
 use super::mongo::MongoStore;
-use super::{keys, Accepted, DependencyStatus, MessageStore, NewMessage, Page};
-use crate::actors::kafka_sink::{CheckKafka, FlushKafka, KafkaSink, Produce, UnpersistedMaxSeq};
-use crate::actors::redis_bridge::Event;
-use crate::config::RedisSettings;
+use super::redis::{Publish, RedisConn};
+use super::scripts::{
+    cid_field, published_value, Accept, AcceptedCid, DeliverArgs, Delivery, Scripts, Stamp,
+};
+use super::{
+    keys, Accepted, DependencyStatus, DurableLog, MessageStore, NewMessage, Page, HOLD_BACK,
+};
+use crate::config::{KafkaSettings, RedisSettings};
 use crate::error::ChatError;
 use crate::protocol::ChatMessage;
-
-/// Accepts a message: KEYS seq, cids; ARGV field (`user:cid`), id, ts, ttl.
-/// Returns `{1, "seq id ts"}` for a new message; for a repeated cid
-/// `{0, "seq id ts"}` while no attempt was published yet, `{2, …}` once
-/// one was and `{3, …}` once one was published under a new seq (the one
-/// returned); `{-1, ""}` when the room's seq is missing and must be seeded
-/// first (a new room, or Redis lost its data).
-const ACCEPT: &str = r"
-local prior = redis.call('HGET', KEYS[2], ARGV[1])
-if prior then
-  local mark = string.sub(prior, -2)
-  if mark == ' d' then
-    return {2, string.sub(prior, 1, -3)}
-  elseif mark == ' r' then
-    return {3, string.sub(prior, 1, -3)}
-  end
-  return {0, prior}
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {-1, ''}
-end
-local seq = redis.call('INCR', KEYS[1])
-local value = seq .. ' ' .. ARGV[2] .. ' ' .. ARGV[3]
-redis.call('HSET', KEYS[2], ARGV[1], value)
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-return {1, value}
-";
-
-/// Sets a room's seq to at least ARGV[1]: KEYS seq. It never goes down.
-const SEED: &str = r"
-local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-local floor = tonumber(ARGV[1])
-if current < floor then
-  redis.call('SET', KEYS[1], floor)
-  return floor
-end
-return current
-";
-
-/// Caches and publishes a durable message, once per cid: KEYS recent,
-/// persisted, seq, cids, published; ARGV seq, message JSON, event JSON,
-/// cache size, channel, margin, cid field, id, ts, late (ms), cid ttl.
-///
-/// - An attempt of a cid that was published already publishes nothing and
-///   returns `{0, "seq id ts"}` of the published one.
-/// - A message is late when a higher seq was published `late` ms ago or
-///   more: the rooms have stopped waiting for it and would skip it. It is
-///   published under the room's next seq instead, and `{2, "seq"}` returns
-///   that seq (the caller makes it durable). Otherwise `{1, "seq"}`.
-///
-/// Trims the cache to its size, but never within `margin` of the highest
-/// seq MongoDB is known to hold: seqs reach Kafka slightly out of order
-/// across nodes, so a lower seq may still be on its way to MongoDB.
-const DELIVER: &str = r#"
-local seq = tonumber(ARGV[1])
-local prior = redis.call('HGET', KEYS[4], ARGV[7])
-if prior then
-  local mark = string.sub(prior, -2)
-  if mark == ' d' or mark == ' r' then
-    return {0, string.sub(prior, 1, -3)}
-  end
-end
-local tail = ' ' .. ARGV[8] .. ' ' .. ARGV[9]
-if #redis.call('ZRANGEBYSCORE', KEYS[1], seq, seq, 'LIMIT', 0, 1) > 0 then
-  redis.call('HSET', KEYS[4], ARGV[7], seq .. tail .. ' d')
-  return {0, seq .. tail}
-end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local keep = 256
-local late = false
-local above = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. seq, '+inf', 'LIMIT', 0, 1)
-if #above > 0 then
-  local at = tonumber(string.match(above[1], ':(%d+)$') or '0')
-  late = now - at >= tonumber(ARGV[10])
-  if not late and redis.call('ZCARD', KEYS[5]) >= keep then
-    local low = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-    late = seq < tonumber(low[2])
-  end
-end
-local final = seq
-local message, event = ARGV[2], ARGV[3]
-if late and redis.call('EXISTS', KEYS[3]) == 1 then
-  final = redis.call('INCR', KEYS[3])
-  local function with_seq(json)
-    local key = '"seq":' .. seq
-    local i, j = string.find(json, key, 1, true)
-    if not i then
-      return nil
-    end
-    return string.sub(json, 1, i - 1) .. '"seq":' .. final .. string.sub(json, j + 1)
-  end
-  message, event = with_seq(message), with_seq(event)
-  if not message or not event then
-    return redis.error_reply('DELIVER: the message has no seq ' .. seq)
-  end
-end
-redis.call('ZADD', KEYS[1], final, message)
-redis.call('PUBLISH', ARGV[5], event)
-redis.call('ZADD', KEYS[5], final, final .. ':' .. now)
-local published = redis.call('ZCARD', KEYS[5])
-if published > keep then
-  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, published - keep - 1)
-end
-redis.call('EXPIRE', KEYS[5], 600)
-local mark = ' d'
-if final ~= seq then
-  mark = ' r'
-end
-redis.call('HSET', KEYS[4], ARGV[7], final .. tail .. mark)
-redis.call('EXPIRE', KEYS[4], ARGV[11])
-local n = redis.call('ZCARD', KEYS[1])
-local size = tonumber(ARGV[4])
-if n > size then
-  local persisted = tonumber(redis.call('GET', KEYS[2]) or '0')
-  local edge = redis.call('ZRANGE', KEYS[1], n - size - 1, n - size - 1, 'WITHSCORES')
-  local cutoff = math.min(persisted - tonumber(ARGV[6]), tonumber(edge[2]))
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-end
-if final ~= seq then
-  return {2, tostring(final)}
-end
-return {1, tostring(final)}
-"#;
-
-/// Finds the first seq missing among the recently published ones whose next
-/// higher one went out less than `late` ms ago (so it may still come and be
-/// published under its own seq): KEYS published; ARGV late (ms). Returns
-/// the seq published below it, or -1 when there is no such gap.
-const OPEN_GAP: &str = r"
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local prev = nil
-for i = 1, #entries, 2 do
-  local seq = tonumber(entries[i + 1])
-  if prev and seq > prev + 1 then
-    local at = tonumber(string.match(entries[i], ':(%d+)$') or '0')
-    if now - at < tonumber(ARGV[1]) then
-      return prev
-    end
-  end
-  prev = seq
-end
-return -1
-";
 
 /// How late a message may be published under its own seq: well inside the
 /// rooms' hold-back, so every room that waited for it still does.
 const LATE: Duration = Duration::from_millis(500);
-const _: () = assert!(2 * LATE.as_millis() <= crate::actors::room::HOLD_BACK.as_millis());
+const _: () = assert!(2 * LATE.as_millis() <= HOLD_BACK.as_millis());
 
 /// How long a sender waits for the publish of its durable message while
 /// Redis does not answer, before it hears `unavailable`.
@@ -197,19 +55,27 @@ const RETRY_PAUSES: (Duration, Duration) = (Duration::from_millis(200), Duration
 /// How long a message that could not be cached and published keeps trying.
 const DELIVER_RETRY_WINDOW: Duration = Duration::from_secs(120);
 
-/// Seqs below MongoDB's watermark that the cache still keeps (see DELIVER).
+/// The most cids a room takes back from MongoDB when it is seeded after
+/// Redis lost it: one query's worth. A room that sent more within the cids'
+/// lifetime looks the older ones up one by one as they come.
+const RECOVERED_CIDS: usize = 10_000;
+
+/// Room names read per `SSCAN` step when listing the rooms.
+const ROOMS_PAGE: usize = 500;
+
+/// Seqs below MongoDB's watermark that the cache still keeps (see
+/// `lua/deliver.lua`).
 const TRIM_MARGIN: u64 = 100;
 
 struct Inner {
-    redis: ConnectionManager,
-    sink: Addr<KafkaSink>,
+    redis: RedisConn,
+    log: Arc<dyn DurableLog>,
     mongo: Arc<MongoStore>,
+    /// Finds the durable seqs MongoDB does not hold yet, for seeding.
+    scan: TailScan,
     settings: RedisSettings,
     node_id: String,
-    accept: Script,
-    seed: Script,
-    deliver: Script,
-    open_gap: Script,
+    scripts: Scripts,
     /// One seeding at a time per room on this node: the first sends of a
     /// new room all find it unseeded, and one look at the durable tail is
     /// enough for all of them.
@@ -228,23 +94,22 @@ fn unavailable(service: &str) -> impl Fn(redis::RedisError) -> ChatError + '_ {
 
 impl ClusterStore {
     pub fn new(
-        redis: ConnectionManager,
-        sink: Addr<KafkaSink>,
+        redis: RedisConn,
+        log: Arc<dyn DurableLog>,
         mongo: Arc<MongoStore>,
+        kafka: KafkaSettings,
         settings: RedisSettings,
         node_id: String,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 redis,
-                sink,
+                log,
                 mongo,
+                scan: TailScan::new(kafka),
                 settings,
                 node_id,
-                accept: Script::new(ACCEPT),
-                seed: Script::new(SEED),
-                deliver: Script::new(DELIVER),
-                open_gap: Script::new(OPEN_GAP),
+                scripts: Scripts::default(),
                 seeding: std::sync::Mutex::new(HashMap::new()),
             }),
         }
@@ -255,55 +120,53 @@ impl Inner {
     /// Steps (1) to (3) of an append.
     async fn append(self: Arc<Self>, msg: NewMessage) -> Result<Accepted, ChatError> {
         let mut conn = self.redis.clone();
-        let field = format!("{}:{}", msg.user.id, msg.cid);
+        let field = cid_field(&msg.user.id, &msg.cid);
         let id = ulid::Ulid::new().to_string();
         let ts = crate::protocol::now_ms();
-        let mut seeded = false;
-        let (status, value) = loop {
-            let (status, value): (i64, String) = self
-                .accept
-                .key(keys::seq(&msg.room))
-                .key(keys::cids(&msg.room))
-                .arg(&field)
-                .arg(&id)
-                .arg(ts)
-                .arg(self.settings.cid_ttl_secs)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable("redis"))?;
-            if status >= 0 || seeded {
-                break (status, value);
-            }
-            self.seed_room(&msg.room).await?;
-            seeded = true;
-        };
-        let mut parts = value.splitn(3, ' ');
-        let (Some(seq), Some(id), Some(ts)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(ChatError::Internal(format!("bad accept answer `{value}`")));
-        };
-        let mut message = ChatMessage {
-            room: msg.room,
-            seq: parse_seq(seq)?,
-            id: id.to_string(),
-            user: msg.user,
-            text: msg.text,
-            ts: ts
-                .parse()
-                .map_err(|_| ChatError::Internal(format!("bad ts `{ts}`")))?,
-            cid: msg.cid,
-        };
-        match status {
+        let ttl = self.settings.cid_ttl_secs;
+        let room = msg.room.as_str();
+        let mut accepted = self
+            .scripts
+            .accept(&mut conn, room, &field, &id, ts, ttl)
+            .await?;
+        if accepted == Accept::Unseeded {
+            self.seed_room(room).await?;
+            accepted = self
+                .scripts
+                .accept(&mut conn, room, &field, &id, ts, ttl)
+                .await?;
+        }
+        // On a cluster, the accepted seq and cid must reach a replica before
+        // anything is produced: a failover to a replica without them would
+        // give the seq to another message, and take the cid for new.
+        conn.wait_replicated(&keys::seq(room)).await?;
+        let (stamp, repeated) = match accepted {
+            Accept::New(stamp) => (stamp, false),
+            Accept::Unverified(stamp) => match self.accepted_before(&msg, &field, stamp).await? {
+                Recovered::Stored(message) => return Ok(Accepted::earlier(message)),
+                Recovered::New(stamp) => (stamp, false),
+            },
+            Accept::Pending(stamp) => (stamp, true),
             // A repeated cid that was published: it is durable and the
-            // answer is its id and seq. One published under a new seq is
-            // produced once more: the attempt that did so may have ended
-            // before Kafka confirmed the new seq.
-            2 => return Ok(Accepted::earlier(message)),
-            3 => {
+            // answer is its id and seq.
+            Accept::Published(stamp) => {
+                return Ok(Accepted::earlier(message_of(msg, stamp)));
+            }
+            // One published under a new seq is produced once more: the
+            // attempt that did so may have ended before Kafka confirmed
+            // the new seq.
+            Accept::Resequenced(stamp) => {
+                let message = message_of(msg, stamp);
                 self.produce(&message).await?;
                 return Ok(Accepted::earlier(message));
             }
-            _ => {}
-        }
+            Accept::Unseeded => {
+                return Err(ChatError::Internal(format!(
+                    "room {room} has no seq in Redis right after seeding"
+                )))
+            }
+        };
+        let mut message = message_of(msg, stamp);
         // New, or a repeated cid none of whose attempts was published yet
         // (one may still be on its way, have failed, or its node died): it
         // is produced with the first attempt's id and seq. MongoDB keeps
@@ -312,7 +175,7 @@ impl Inner {
         match self.deliver_within(&message, DELIVER_WAIT).await {
             Ok(Delivery::Published) => Ok(Accepted {
                 message,
-                duplicate: status == 0,
+                duplicate: repeated,
             }),
             Ok(Delivery::Earlier(seq)) => {
                 message.seq = seq;
@@ -326,7 +189,7 @@ impl Inner {
                 self.produce_resequenced(&message).await?;
                 Ok(Accepted {
                     message,
-                    duplicate: status == 0,
+                    duplicate: repeated,
                 })
             }
             Err(e) => {
@@ -362,12 +225,7 @@ impl Inner {
 
     /// Step (2): waits for Kafka's delivery report.
     async fn produce(&self, message: &ChatMessage) -> Result<(), ChatError> {
-        self.sink
-            .send(Produce {
-                message: message.clone(),
-            })
-            .await
-            .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))?
+        self.log.write(message.clone()).await
     }
 
     /// Makes a message published under a new seq durable under it: on
@@ -425,44 +283,25 @@ impl Inner {
         }
     }
 
-    /// Step (3): cache and publish, once per cid (see [`DELIVER`]).
+    /// Step (3): cache and publish, once per cid (see `lua/deliver.lua`).
     async fn deliver(&self, message: &ChatMessage) -> Result<Delivery, ChatError> {
-        let json =
-            serde_json::to_string(message).map_err(|e| ChatError::Internal(e.to_string()))?;
-        let event = serde_json::to_string(&Event::Msg {
+        let internal = |e: serde_json::Error| ChatError::Internal(e.to_string());
+        let event = RoomEvent::Msg {
             node: self.node_id.clone(),
             m: message.clone(),
-        })
-        .map_err(|e| ChatError::Internal(e.to_string()))?;
+        };
+        let args = DeliverArgs {
+            message,
+            message_json: serde_json::to_string(message).map_err(internal)?,
+            event_json: serde_json::to_string(&event).map_err(internal)?,
+            cache_size: self.settings.cache_size,
+            trim_margin: TRIM_MARGIN,
+            late_ms: LATE.as_millis() as u64,
+            cid_ttl_secs: self.settings.cid_ttl_secs,
+            publish: Publish::of(&self.settings),
+        };
         let mut conn = self.redis.clone();
-        let (status, value): (i64, String) = self
-            .deliver
-            .key(keys::recent(&message.room))
-            .key(keys::persisted(&message.room))
-            .key(keys::seq(&message.room))
-            .key(keys::cids(&message.room))
-            .key(keys::published(&message.room))
-            .arg(message.seq)
-            .arg(json)
-            .arg(event)
-            .arg(self.settings.cache_size)
-            .arg(keys::channel(&message.room))
-            .arg(TRIM_MARGIN)
-            .arg(format!("{}:{}", message.user.id, message.cid))
-            .arg(&message.id)
-            .arg(message.ts)
-            .arg(LATE.as_millis() as u64)
-            .arg(self.settings.cid_ttl_secs)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable("redis"))?;
-        let seq = parse_seq(value.split(' ').next().unwrap_or_default())?;
-        Ok(match status {
-            0 => Delivery::Earlier(seq),
-            2 => Delivery::Resequenced(seq),
-            _ if seq == message.seq => Delivery::Published,
-            _ => return Err(ChatError::Internal(format!("bad deliver answer `{value}`"))),
-        })
+        self.scripts.deliver(&mut conn, args).await
     }
 
     /// Starts a room's seq above everything durable: what MongoDB holds,
@@ -500,29 +339,123 @@ impl Inner {
         }
         let stored = self.mongo.max_seq(room).await?;
         let cached = self.cache_max(room).await?;
-        let in_log = self
-            .sink
-            .send(UnpersistedMaxSeq {
-                room: room.to_string(),
-            })
-            .await
-            .map_err(|_| ChatError::Unavailable("kafka sink stopped".into()))??;
+        let tail = self.scan.unpersisted(room).await?;
+        let in_log = tail.iter().map(|t| t.stamp.seq).max().unwrap_or(0);
         let floor = stored.max(cached).max(in_log);
-        let _: i64 = self
-            .seed
-            .key(keys::seq(room))
-            .arg(floor)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable("redis"))?;
+        let mut from_mongo = 0;
+        if floor > 0 {
+            // Redis lost a room that has durable messages: the cids it had
+            // accepted must be known again before the seq takes a new one.
+            // The newest ones in MongoDB and those still in the log are
+            // written back now; if MongoDB holds more within the cids'
+            // lifetime, those are looked up as they come while the room
+            // recovers.
+            let since = crate::protocol::now_ms()
+                - i64::try_from(self.settings.cid_ttl_secs.saturating_mul(1000))
+                    .unwrap_or(i64::MAX);
+            let (stored, complete) = self.mongo.recent_cids(room, since, RECOVERED_CIDS).await?;
+            from_mongo = stored.len();
+            let known: Vec<&AcceptedCid> = stored.iter().chain(&tail).collect();
+            self.remember(room, &known, !complete).await?;
+        }
+        self.scripts.seed(&mut conn, room, floor).await?;
         let _: () = conn
             .sadd(keys::ROOMS, room)
             .await
             .map_err(unavailable("redis"))?;
         if floor > 0 {
-            log::warn!("Room {room} had no seq in Redis; seeded it at {floor}.");
+            log::warn!(
+                "Room {room} had no seq in Redis; seeded it at {floor}, with {from_mongo} cids from MongoDB and {} from the log.",
+                tail.len()
+            );
         }
         Ok(())
+    }
+
+    /// Writes durable cids back into a room's cid memory, as published
+    /// (each is durable, and reaches history), under the highest seq each
+    /// was stored or logged with; with `recovering`, also marks the room so
+    /// that a cid new to Redis is looked up in MongoDB first.
+    ///
+    /// A cid the room knows already is left as it is (`HSETNX`): another
+    /// node may have seeded the room first and accepted messages that are
+    /// in the log but not yet published, and marking one published would
+    /// keep it from ever being delivered live.
+    async fn remember(
+        &self,
+        room: &str,
+        known: &[&AcceptedCid],
+        recovering: bool,
+    ) -> Result<(), ChatError> {
+        let ttl = self.settings.cid_ttl_secs;
+        let mut latest: HashMap<String, &Stamp> = HashMap::with_capacity(known.len());
+        for t in known {
+            let stamp = latest
+                .entry(cid_field(&t.user_id, &t.cid))
+                .or_insert(&t.stamp);
+            if t.stamp.seq > stamp.seq {
+                *stamp = &t.stamp;
+            }
+        }
+        let mut conn = self.redis.clone();
+        let mut pipe = redis::pipe();
+        if recovering {
+            pipe.set_ex(keys::recovering(room), crate::protocol::now_ms(), ttl)
+                .ignore();
+        }
+        for (field, stamp) in latest {
+            pipe.hset_nx(keys::cids(room), field, published_value(stamp))
+                .ignore();
+        }
+        pipe.expire(keys::cids(room), ttl as i64).ignore();
+        let _: () = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("redis"))?;
+        Ok(())
+    }
+
+    /// A cid new to a recovering room: the message MongoDB holds for it,
+    /// remembered again as published, or, if MongoDB has none, the new
+    /// stamp to go on with. If MongoDB cannot answer, the cid is forgotten
+    /// again, so that the sender's retry looks once more.
+    async fn accepted_before(
+        &self,
+        msg: &NewMessage,
+        field: &str,
+        stamp: Stamp,
+    ) -> Result<Recovered, ChatError> {
+        let mut conn = self.redis.clone();
+        let room = msg.room.as_str();
+        match self.mongo.find_by_cid(room, &msg.user.id, &msg.cid).await {
+            Ok(None) => Ok(Recovered::New(stamp)),
+            Ok(Some(stored)) => {
+                let earlier = Stamp {
+                    seq: stored.seq,
+                    id: stored.id.clone(),
+                    ts: stored.ts,
+                };
+                let _: () = conn
+                    .hset(keys::cids(room), field, published_value(&earlier))
+                    .await
+                    .map_err(unavailable("redis"))?;
+                log::info!(
+                    "Room {room}: cid of message {} (seq {}) recognised from MongoDB after Redis lost it.",
+                    stored.id,
+                    stored.seq
+                );
+                Ok(Recovered::Stored(stored))
+            }
+            Err(e) => {
+                let forgot: redis::RedisResult<()> = conn.hdel(keys::cids(room), field).await;
+                if let Err(forget) = forgot {
+                    log::warn!(
+                        "Room {room}: a cid could not be forgotten after a failed check: {forget}."
+                    );
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn cache_max(&self, room: &str) -> Result<u64, ChatError> {
@@ -660,22 +593,32 @@ impl Inner {
 
     async fn open_gap(&self, room: &str) -> Result<Option<u64>, ChatError> {
         let mut conn = self.redis.clone();
-        let below: i64 = self
-            .open_gap
-            .key(keys::published(room))
-            .arg(LATE.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable("redis"))?;
-        Ok(u64::try_from(below).ok())
+        let late_ms = LATE.as_millis() as u64;
+        self.scripts.open_gap(&mut conn, room, late_ms).await
     }
 
     async fn rooms(&self) -> Result<Vec<(String, u64)>, ChatError> {
         let mut conn = self.redis.clone();
-        let names: Vec<String> = conn
-            .smembers(keys::ROOMS)
-            .await
-            .map_err(unavailable("redis"))?;
+        // Paged, so that no single command holds Redis for the whole set.
+        let mut names: Vec<String> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(keys::ROOMS)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(ROOMS_PAGE)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable("redis"))?;
+            names.extend(page);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        names.sort();
+        names.dedup();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let last = self.last_seq(&name).await?;
@@ -687,15 +630,9 @@ impl Inner {
     async fn check(&self) -> Vec<DependencyStatus> {
         let mut conn = self.redis.clone();
         let redis: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-        let kafka = match self.sink.send(CheckKafka).await {
-            Ok(r) => r,
-            Err(_) => Err(ChatError::Unavailable("kafka sink stopped".into())),
-        };
+        let kafka = self.log.check().await;
         let mongo = self.mongo.ping().await;
-        let text = |e: ChatError| match e {
-            ChatError::Unavailable(m) | ChatError::Internal(m) => m,
-            other => other.to_string(),
-        };
+
         vec![
             DependencyStatus {
                 name: "redis",
@@ -703,11 +640,11 @@ impl Inner {
             },
             DependencyStatus {
                 name: "kafka",
-                error: kafka.err().map(text),
+                error: kafka.err().map(|e| e.detail()),
             },
             DependencyStatus {
                 name: "mongo",
-                error: mongo.err().map(text),
+                error: mongo.err().map(|e| e.detail()),
             },
         ]
     }
@@ -738,20 +675,25 @@ where
     }
 }
 
-/// What the deliver script did with a message.
-#[derive(Debug, PartialEq, Eq)]
-enum Delivery {
-    /// Published under its seq.
-    Published,
-    /// Another attempt of its cid was published, under this seq.
-    Earlier(u64),
-    /// It came late and was published under this new seq.
-    Resequenced(u64),
+/// What a recovering room's MongoDB says of a cid new to Redis.
+enum Recovered {
+    /// Stored already, as this message.
+    Stored(ChatMessage),
+    /// Not stored: a new message after all.
+    New(Stamp),
 }
 
-fn parse_seq(text: &str) -> Result<u64, ChatError> {
-    text.parse()
-        .map_err(|_| ChatError::Internal(format!("bad seq `{text}`")))
+/// The message an accepted cid stands for.
+fn message_of(msg: NewMessage, stamp: Stamp) -> ChatMessage {
+    ChatMessage {
+        room: msg.room,
+        seq: stamp.seq,
+        id: stamp.id,
+        user: msg.user,
+        text: msg.text,
+        ts: stamp.ts,
+        cid: msg.cid,
+    }
 }
 
 /// Joins two ascending lists by seq, dropping duplicates, and keeps
@@ -835,11 +777,7 @@ impl MessageStore for ClusterStore {
     }
 
     fn flush(&self) -> BoxFuture<'static, ()> {
-        let sink = self.inner.sink.clone();
-        async move {
-            let _ = sink.send(FlushKafka).await;
-        }
-        .boxed()
+        self.inner.log.flush()
     }
 }
 

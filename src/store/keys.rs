@@ -35,6 +35,13 @@ pub fn persisted(room: &str) -> String {
     format!("chat:{{{room}}}:persisted")
 }
 
+/// Set while a room's cid memory may be missing cids it accepted: from
+/// when Redis lost the room and it was seeded again, for as long as a cid
+/// is remembered. A new cid is then checked against MongoDB first.
+pub fn recovering(room: &str) -> String {
+    format!("chat:{{{room}}}:recovering")
+}
+
 /// Hash of members on every node: field `<node id>|<user id>`, value the
 /// user as JSON.
 pub fn members(room: &str) -> String {
@@ -46,8 +53,13 @@ pub fn channel(room: &str) -> String {
     format!("chat:{{{room}}}:events")
 }
 
+/// The room whose channel is `channel`, if it is one.
+pub fn room_of_channel(channel: &str) -> Option<&str> {
+    channel.strip_prefix("chat:{")?.strip_suffix("}:events")
+}
+
 /// Every key of one room (not its channel): what removing a room removes.
-pub fn of_room(room: &str) -> [String; 6] {
+pub fn of_room(room: &str) -> [String; 7] {
     [
         seq(room),
         cids(room),
@@ -55,6 +67,7 @@ pub fn of_room(room: &str) -> [String; 6] {
         recent(room),
         persisted(room),
         members(room),
+        recovering(room),
     ]
 }
 
@@ -68,4 +81,16 @@ pub const NODES: &str = "chat:nodes";
 /// node's members.
 pub fn node_rooms(node: &str) -> String {
     format!("chat:node:{node}:rooms")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_names_its_room() {
+        assert_eq!(room_of_channel(&channel("lobby-1")), Some("lobby-1"));
+        assert_eq!(room_of_channel("chat:{lobby}:seq"), None);
+        assert_eq!(room_of_channel("other"), None);
+    }
 }

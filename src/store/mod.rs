@@ -1,11 +1,22 @@
 //! Where accepted messages live. The node talks to its message log only
 //! through [`MessageStore`]: standalone mode fills it with the embedded
 //! store; cluster mode fills the same seam with Redis, Kafka and MongoDB.
+//!
+//! The store sits below the actors: it imports none of them. Where cluster
+//! mode needs the durable log, it writes through [`DurableLog`], which the
+//! `KafkaSink` actor implements.
 
+pub mod channel;
 pub mod cluster;
 pub mod embedded;
+pub mod kafka;
+pub mod kafka_scan;
 pub mod keys;
 pub mod mongo;
+pub mod redis;
+pub mod scripts;
+
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
@@ -52,6 +63,12 @@ pub struct DependencyStatus {
     pub name: &'static str,
     pub error: Option<String>,
 }
+
+/// How long a room holds a message back while a lower seq may still be in
+/// flight on another node, before it gives that seq up as failed. The
+/// cluster store publishes a message that comes later than this under a
+/// new seq, so that no room ever skips it.
+pub const HOLD_BACK: Duration = Duration::from_secs(1);
 
 /// Called once per newly stored message, in `seq` order within a room, once
 /// the message is durable: this is how the node learns what to deliver.
@@ -105,4 +122,18 @@ pub trait MessageStore: Send + Sync + 'static {
     fn warm(&self, _room: &str) -> BoxFuture<'static, ()> {
         Box::pin(async {})
     }
+}
+
+/// The durable log of cluster mode (Kafka): a message is acked only once
+/// the log holds it.
+pub trait DurableLog: Send + Sync + 'static {
+    /// Makes one message durable; resolves once the log acknowledged it
+    /// (acks=all), or with `unavailable`.
+    fn write(&self, message: ChatMessage) -> BoxFuture<'static, Result<(), ChatError>>;
+
+    /// Whether the log answers now.
+    fn check(&self) -> BoxFuture<'static, Result<(), ChatError>>;
+
+    /// Resolves once every write issued before the call has its answer.
+    fn flush(&self) -> BoxFuture<'static, ()>;
 }

@@ -3,25 +3,39 @@
 //!
 //! One document per message, shaped by the contract: `_id` (the message id),
 //! `room`, `seq` (Int64), `user` `{id, name}`, `text`, `ts` (a BSON date) and
-//! `cid`, with a unique index on `(room, seq)`. Writes come from the persist
-//! workers, which replay batches after a crash, so an insert of a message
-//! that is already stored is "already done", never an error. Reads serve
-//! history beyond the Redis cache.
+//! `cid`, with unique indexes on `(room, seq)` and `(room, user.id, cid)`.
+//! Writes come from the persist workers, which replay batches after a crash,
+//! so an insert of a message that is already stored is "already done", never
+//! an error. Reads serve history beyond the Redis cache.
 //!
-//! Every filter is built from typed values (`doc!` with strings and
-//! integers), never from text, so nothing a client sends can become a query
-//! operator.
+//! Every write waits until `mongo.write_concern` members (a majority by
+//! default) hold it, in their journal with `mongo.journal`: the persist
+//! workers commit Kafka offsets and let the Redis cache be trimmed after an
+//! acknowledged write, so a write that a failover could roll back would be a
+//! hole in history.
+//!
+//! Every filter names the room, the shard key of a sharded `messages`
+//! (docs/ARCHITECTURE.md, "Sharding `messages`"), so each query and update
+//! goes to one shard. All of them are built in [`filter`] from typed values
+//! (`doc!` with strings and integers), never from text, so nothing a client
+//! sends can become a query operator; tests check both.
+//!
+//! `mongo.url` may carry a password: every error this store returns is
+//! scrubbed of it ([`redact_secrets`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::error::{Error as MongoError, ErrorKind, InsertManyError, WriteFailure};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
-use crate::config::MongoSettings;
+use super::scripts::{AcceptedCid, Stamp};
+use crate::config::{self, redact_secrets, redact_url, MongoSettings};
 use crate::error::ChatError;
 use crate::protocol::{ChatMessage, User};
 
@@ -32,6 +46,11 @@ pub const COLLECTION: &str = "messages";
 /// keys, so an index created by hand with the same keys is recognised).
 pub const ROOM_SEQ_INDEX: &str = "room_1_seq_1";
 
+/// Name of the unique `(room, user.id, cid)` index: the scope in which the
+/// contract promises that re-sending a cid never creates a second message.
+/// MongoDB's default name for these keys, as above.
+pub const ROOM_USER_CID_INDEX: &str = "room_1_user.id_1_cid_1";
+
 /// How long an operation waits for a reachable server: short, so a node
 /// whose MongoDB is down answers `unavailable` (and `/readyz` 503) quickly
 /// instead of holding requests for the driver's default 30 s.
@@ -39,6 +58,14 @@ const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long opening a TCP connection may take, for the same reason.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a write waits for its write concern (unless the URL sets
+/// `wtimeoutMS`). Without a limit, a replica set that cannot gather a
+/// majority (an arbiter and a primary, the secondary down) would hold a
+/// persist worker in one insert for ever, silently; with it, the worker
+/// logs the failure and retries the batch, which is harmless (the write
+/// itself is not undone, and the retry finds it stored).
+const WRITE_CONCERN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// MongoDB's code for a duplicate key.
 const DUPLICATE_KEY: i32 = 11000;
@@ -49,16 +76,25 @@ pub struct MongoStore {
     /// Kept to answer `ping` (a database command) and to drop test databases.
     db: mongodb::Database,
     messages: Collection<Document>,
+    /// `mongo.url`, whose secrets are scrubbed from every error message.
+    url: Arc<str>,
+    /// Messages refused because their `(room, user.id, cid)` is stored
+    /// under another id.
+    cid_conflicts: Arc<AtomicU64>,
+    /// Whether the unique `(room, user.id, cid)` index is in place.
+    cid_index: bool,
 }
 
 impl MongoStore {
     /// Connects (with a short server-selection timeout, so a down MongoDB
-    /// answers fast) and creates the unique index on `(room: 1, seq: 1)` if
-    /// it is missing.
+    /// answers fast, and the write concern of `settings`) and creates the
+    /// unique indexes on `(room, seq)` and `(room, user.id, cid)` if they are
+    /// missing.
     pub async fn connect(settings: &MongoSettings) -> Result<Self, ChatError> {
+        let url: Arc<str> = Arc::from(settings.url.as_str());
         let mut options = ClientOptions::parse(&settings.url)
             .await
-            .map_err(|e| mongo_error("parse mongo.url", e))?;
+            .map_err(|e| mongo_error("parse mongo.url", e, &url))?;
         // The URL may choose its own timeouts; otherwise fail fast.
         options
             .server_selection_timeout
@@ -67,39 +103,60 @@ impl MongoStore {
         options
             .app_name
             .get_or_insert_with(|| "scalable-chat".into());
+        options.write_concern = Some(write_concern(settings, options.write_concern.as_ref()));
         let client =
-            Client::with_options(options).map_err(|e| mongo_error("create the client", e))?;
+            Client::with_options(options).map_err(|e| mongo_error("create the client", e, &url))?;
         let db = client.database(&settings.database);
-        let store = Self {
+        let mut store = Self {
             messages: db.collection(COLLECTION),
             db,
+            url,
+            cid_conflicts: Arc::default(),
+            cid_index: false,
         };
-        store.ensure_index().await?;
+        store.cid_index = store.ensure_indexes().await?;
         Ok(store)
     }
 
-    /// Creates the unique `(room, seq)` index; a no-op when it exists.
-    async fn ensure_index(&self) -> Result<(), ChatError> {
-        let index = IndexModel::builder()
-            .keys(doc! {"room": 1, "seq": 1})
-            .options(
-                IndexOptions::builder()
-                    .name(ROOM_SEQ_INDEX.to_string())
-                    .unique(true)
-                    .build(),
-            )
-            .build();
+    /// Creates the unique indexes; a no-op for each one that exists.
+    ///
+    /// Without `(room, seq)` the node does not start. `(room, user.id, cid)`
+    /// may be impossible to build on a database that predates it: a cid sent
+    /// again after Redis had forgotten it was stored as a second message.
+    /// Then the node logs what to do and runs without it (as it did before
+    /// the index existed); returns whether it is in place.
+    async fn ensure_indexes(&self) -> Result<bool, ChatError> {
         self.messages
-            .create_index(index)
+            .create_index(unique_index(doc! {"room": 1, "seq": 1}, ROOM_SEQ_INDEX))
             .await
-            .map_err(|e| mongo_error("create the unique (room, seq) index", e))?;
-        Ok(())
+            .map_err(|e| self.error("create the unique (room, seq) index", e))?;
+        let cid = unique_index(
+            doc! {"room": 1, "user.id": 1, "cid": 1},
+            ROOM_USER_CID_INDEX,
+        );
+        match self.messages.create_index(cid).await {
+            Ok(_) => Ok(true),
+            // The server answered and refused: the data, not the network.
+            Err(e) if matches!(e.kind.as_ref(), ErrorKind::Command(_)) => {
+                log::error!(
+                    "database={} index={ROOM_USER_CID_INDEX}: Running without the unique (room, user.id, cid) index: {}. \
+                     Stored messages probably repeat a (room, user.id, cid); remove all but the lowest seq of each \
+                     (docs/ARCHITECTURE.md, \"The cid index\") and restart the node to create it.",
+                    self.db.name(),
+                    self.error("create it", e).detail()
+                );
+                Ok(false)
+            }
+            Err(e) => Err(self.error("create the unique (room, user.id, cid) index", e)),
+        }
     }
 
     /// Inserts a batch, unordered, with `_id` = message id. A message that is
     /// already stored (duplicate key, say a batch replayed after a crash) is
-    /// not an error; any other failure is, and the caller retries the whole
-    /// batch. Returns how many messages were new.
+    /// not an error; neither is one refused by a unique index for a clash
+    /// with another message (logged by [`Self::settle_duplicates`]). Any
+    /// other failure is, and the caller retries the whole batch. Returns how
+    /// many messages were new.
     pub async fn insert_batch(&self, msgs: &[ChatMessage]) -> Result<usize, ChatError> {
         if msgs.is_empty() {
             return Ok(0);
@@ -112,7 +169,7 @@ impl MongoStore {
             Ok(result) => Ok(result.inserted_ids.len()),
             Err(e) => match e.kind.as_ref() {
                 ErrorKind::InsertMany(failure) => self.count_after_duplicates(msgs, failure).await,
-                _ => Err(mongo_error("insert a batch of messages", e)),
+                _ => Err(self.error("insert a batch of messages", e)),
             },
         }
     }
@@ -125,17 +182,23 @@ impl MongoStore {
         failure: &InsertManyError,
     ) -> Result<usize, ChatError> {
         if let Some(wc) = &failure.write_concern_error {
-            return Err(ChatError::Unavailable(format!(
-                "MongoDB could not confirm a batch of messages (write concern, code {}): {}",
-                wc.code, wc.message
+            return Err(ChatError::Unavailable(redact_secrets(
+                &format!(
+                    "MongoDB could not confirm a batch of messages (write concern, code {}): {}",
+                    wc.code, wc.message
+                ),
+                &self.url,
             )));
         }
         let errors = failure.write_errors.as_deref().unwrap_or_default();
         if let Some(other) = errors.iter().find(|w| w.code != DUPLICATE_KEY) {
             let id = msgs.get(other.index).map_or("?", |m| m.id.as_str());
-            return Err(ChatError::Internal(format!(
-                "MongoDB refused message {id} (code {}): {}",
-                other.code, other.message
+            return Err(ChatError::Internal(redact_secrets(
+                &format!(
+                    "MongoDB refused message {id} (code {}): {}",
+                    other.code, other.message
+                ),
+                &self.url,
             )));
         }
         let duplicates: Vec<&ChatMessage> =
@@ -148,43 +211,36 @@ impl MongoStore {
     /// `_id`). It may have been stored under a lower seq: a message that
     /// came late to Redis is published under a new seq and produced again,
     /// and the stored one is raised to it (never lowered, whatever order
-    /// the two records come in). When the `_id` is absent, the clash was on
-    /// `(room, seq)`: two different messages got the same seq, which the
-    /// sequencer must never do. That message cannot be stored; say so
-    /// loudly, but do not fail the batch (retrying would block the
-    /// partition forever).
+    /// the two records come in). When the `_id` is absent, another message
+    /// holds one of the other unique keys ([`Self::report_refused`]).
     async fn settle_duplicates(&self, duplicates: &[&ChatMessage]) -> Result<(), ChatError> {
         if duplicates.is_empty() {
             return Ok(());
         }
-        let ids: Vec<&str> = duplicates.iter().map(|m| m.id.as_str()).collect();
-        let stored: HashMap<String, u64> = self
+        let stored: HashMap<(String, String), u64> = self
             .messages
-            .find(doc! {"_id": {"$in": &ids}})
-            .projection(doc! {"_id": 1, "seq": 1})
+            .find(filter::stored(duplicates))
+            .projection(doc! {"_id": 1, "room": 1, "seq": 1})
             .await
-            .map_err(|e| mongo_error("read duplicate messages", e))?
+            .map_err(|e| self.error("read duplicate messages", e))?
             .try_filter_map(|d| async move {
-                Ok(d.get_str("_id")
-                    .ok()
-                    .map(|id| (id.to_string(), seq_of(&d).unwrap_or(0))))
+                Ok(match (d.get_str("room"), d.get_str("_id")) {
+                    (Ok(room), Ok(id)) => {
+                        Some(((room.to_string(), id.to_string()), seq_of(&d).unwrap_or(0)))
+                    }
+                    _ => None,
+                })
             })
             .try_collect()
             .await
-            .map_err(|e| mongo_error("read duplicate messages", e))?;
+            .map_err(|e| self.error("read duplicate messages", e))?;
         for m in duplicates {
-            match stored.get(&m.id) {
-                None => log::error!(
-                    "room={} seq={} id={}: Message not stored: another message already has this room and seq.",
-                    m.room, m.seq, m.id
-                ),
+            match stored.get(&(m.room.clone(), m.id.clone())) {
+                None => self.report_refused(m).await?,
                 Some(&seq) if seq < m.seq => {
                     let raised = self
                         .messages
-                        .update_one(
-                            doc! {"_id": &m.id, "seq": {"$lt": m.seq as i64}},
-                            doc! {"$set": {"seq": m.seq as i64}},
-                        )
+                        .update_one(filter::raise_seq(m), doc! {"$set": {"seq": m.seq as i64}})
                         .await;
                     match raised {
                         Ok(_) => log::info!(
@@ -197,13 +253,120 @@ impl MongoStore {
                             "room={} seq={} id={}: Cannot raise the stored seq: another message already has it.",
                             m.room, m.seq, m.id
                         ),
-                        Err(e) => return Err(mongo_error("raise the seq of a message", e)),
+                        Err(e) => return Err(self.error("raise the seq of a message", e)),
                     }
                 }
                 Some(_) => {}
             }
         }
         Ok(())
+    }
+
+    /// A message refused by a unique index while its `_id` is not stored.
+    /// Either its `(room, user.id, cid)` is stored under another id (a
+    /// repeated cid that reached the sequencer as new, after Redis forgot
+    /// it), or its `(room, seq)` is (which the sequencer must never do).
+    /// The stored message is kept and this one is not stored: say so
+    /// loudly, naming both ids, but do not fail the batch (a retry would
+    /// fail the same way and block the partition for ever).
+    async fn report_refused(&self, m: &ChatMessage) -> Result<(), ChatError> {
+        let kept = self
+            .messages
+            .find_one(filter::cid(&m.room, &m.user.id, &m.cid))
+            .sort(doc! {"seq": 1})
+            .projection(doc! {"_id": 1, "seq": 1})
+            .await
+            .map_err(|e| self.error("read the message of a cid", e))?;
+        match kept {
+            Some(kept) if id_of(&kept) != m.id => {
+                self.cid_conflicts.fetch_add(1, Relaxed);
+                log::error!(
+                    "room={} user={} cid={} seq={} id={}: Message not stored: the same user's cid is already stored as message {} (seq {}), which is kept.",
+                    m.room,
+                    m.user.id,
+                    m.cid,
+                    m.seq,
+                    m.id,
+                    id_of(&kept),
+                    seq_of(&kept).map_or_else(|| "?".to_string(), |s| s.to_string())
+                );
+            }
+            _ => {
+                let holder = self
+                    .messages
+                    .find_one(filter::at_seq(&m.room, m.seq))
+                    .projection(doc! {"_id": 1})
+                    .await
+                    .map_err(|e| self.error("read the message of a seq", e))?;
+                log::error!(
+                    "room={} seq={} id={}: Message not stored: message {} already has this room and seq, and is kept.",
+                    m.room,
+                    m.seq,
+                    m.id,
+                    holder.as_ref().map_or_else(|| "?".to_string(), id_of)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored message that `user_id` sent to `room` with `cid`, if any:
+    /// how a repeated cid is recognised once Redis no longer remembers it.
+    /// The `(room, user.id, cid)` index answers it; on a database where that
+    /// index could not be built, the first of several is the lowest seq.
+    pub async fn find_by_cid(
+        &self,
+        room: &str,
+        user_id: &str,
+        cid: &str,
+    ) -> Result<Option<ChatMessage>, ChatError> {
+        let found = self
+            .messages
+            .find_one(filter::cid(room, user_id, cid))
+            .sort(doc! {"seq": 1})
+            .await
+            .map_err(|e| self.error("read the message of a cid", e))?;
+        found.as_ref().map(from_document).transpose()
+    }
+
+    /// The cids of the newest `limit` messages of `room` sent at `since_ms`
+    /// or later, newest first, and whether that is all of them: what a room
+    /// needs to recognise its cids again after Redis lost them. One query,
+    /// for the room's shard.
+    pub async fn recent_cids(
+        &self,
+        room: &str,
+        since_ms: i64,
+        limit: usize,
+    ) -> Result<(Vec<AcceptedCid>, bool), ChatError> {
+        let found: Vec<Document> = self
+            .messages
+            .find(filter::since(room, since_ms))
+            .sort(doc! {"seq": -1})
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1))
+            .projection(doc! {"_id": 1, "seq": 1, "ts": 1, "user.id": 1, "cid": 1})
+            .await
+            .map_err(|e| self.error("read the cids of a room", e))?
+            .try_collect()
+            .await
+            .map_err(|e| self.error("read the cids of a room", e))?;
+        let complete = found.len() <= limit;
+        let cids = found
+            .iter()
+            .take(limit)
+            .filter_map(|d| {
+                Some(AcceptedCid {
+                    user_id: d.get_document("user").ok()?.get_str("id").ok()?.to_string(),
+                    cid: d.get_str("cid").ok()?.to_string(),
+                    stamp: Stamp {
+                        seq: seq_of(d)?,
+                        id: d.get_str("_id").ok()?.to_string(),
+                        ts: d.get_datetime("ts").ok()?.timestamp_millis(),
+                    },
+                })
+            })
+            .collect();
+        Ok((cids, complete))
     }
 
     /// The `limit` latest messages of `room` with `seq < before` (the latest
@@ -215,22 +378,17 @@ impl MongoStore {
         before: Option<u64>,
         limit: u32,
     ) -> Result<(Vec<ChatMessage>, bool), ChatError> {
-        let filter = match before {
-            // Larger than any storable seq: every message qualifies.
-            Some(b) if b <= i64::MAX as u64 => doc! {"room": room, "seq": {"$lt": b as i64}},
-            _ => doc! {"room": room},
-        };
         // One extra message tells whether there are more.
         let docs: Vec<Document> = self
             .messages
-            .find(filter)
+            .find(filter::before(room, before))
             .sort(doc! {"seq": -1})
             .limit(i64::from(limit) + 1)
             .await
-            .map_err(|e| mongo_error("read history", e))?
+            .map_err(|e| self.error("read history", e))?
             .try_collect()
             .await
-            .map_err(|e| mongo_error("read history", e))?;
+            .map_err(|e| self.error("read history", e))?;
         let has_more = docs.len() > limit as usize;
         let mut page = docs
             .iter()
@@ -253,14 +411,14 @@ impl MongoStore {
         }
         let docs: Vec<Document> = self
             .messages
-            .find(doc! {"room": room, "seq": {"$gt": since as i64}})
+            .find(filter::after(room, since))
             .sort(doc! {"seq": 1})
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .await
-            .map_err(|e| mongo_error("read messages after a seq", e))?
+            .map_err(|e| self.error("read messages after a seq", e))?
             .try_collect()
             .await
-            .map_err(|e| mongo_error("read messages after a seq", e))?;
+            .map_err(|e| self.error("read messages after a seq", e))?;
         docs.iter().map(from_document).collect()
     }
 
@@ -268,11 +426,11 @@ impl MongoStore {
     pub async fn max_seq(&self, room: &str) -> Result<u64, ChatError> {
         let found = self
             .messages
-            .find_one(doc! {"room": room})
+            .find_one(filter::room(room))
             .sort(doc! {"seq": -1})
             .projection(doc! {"seq": 1})
             .await
-            .map_err(|e| mongo_error("read the last seq of a room", e))?;
+            .map_err(|e| self.error("read the last seq of a room", e))?;
         match found {
             None => Ok(0),
             Some(d) => seq_of(&d).ok_or_else(|| {
@@ -289,23 +447,137 @@ impl MongoStore {
         self.db
             .run_command(doc! {"ping": 1})
             .await
-            .map_err(|e| mongo_error("ping", e))?;
+            .map_err(|e| self.error("ping", e))?;
         Ok(())
     }
 
-    /// Drops the whole database: for tests, each on its own database.
-    #[cfg(test)]
-    pub(crate) async fn drop_database(&self) -> Result<(), ChatError> {
-        self.db
-            .drop()
-            .await
-            .map_err(|e| mongo_error("drop the database", e))
+    /// The write concern every write of this store asks for.
+    pub fn write_concern(&self) -> Option<&WriteConcern> {
+        self.messages.write_concern()
     }
 
-    /// The collection, for tests that look at it directly.
-    #[cfg(test)]
-    pub(crate) fn collection(&self) -> &Collection<Document> {
-        &self.messages
+    /// Whether the unique `(room, user.id, cid)` index is in place (see
+    /// [`Self::connect`]).
+    pub fn has_cid_index(&self) -> bool {
+        self.cid_index
+    }
+
+    /// Messages this store (and its clones) refused because their
+    /// `(room, user.id, cid)` was already stored under another id.
+    pub fn cid_conflicts(&self) -> u64 {
+        self.cid_conflicts.load(Relaxed)
+    }
+
+    /// `mongo_error`, scrubbed of the secrets of this store's URL.
+    fn error(&self, doing: &str, e: MongoError) -> ChatError {
+        mongo_error(doing, e, &self.url)
+    }
+}
+
+/// The write concern of every write: `mongo.write_concern` and
+/// `mongo.journal`, stated rather than left to the deployment's default.
+/// They win over a `w` or `journal` in the URL (with a warning); the URL's
+/// `wtimeoutMS` is kept, else [`WRITE_CONCERN_TIMEOUT`].
+fn write_concern(settings: &MongoSettings, from_url: Option<&WriteConcern>) -> WriteConcern {
+    let w = match settings.write_concern {
+        config::WriteConcern::Majority => Acknowledgment::Majority,
+        config::WriteConcern::Members(n) => Acknowledgment::Nodes(n),
+    };
+    if let Some(url) = from_url {
+        let other_w = url.w.as_ref().is_some_and(|u| *u != w);
+        let other_j = url.journal.is_some_and(|j| j != settings.journal);
+        if other_w || other_j {
+            log::warn!(
+                "url={}: The write concern in mongo.url (w={:?}, journal={:?}) is replaced by mongo.write_concern and mongo.journal ({w:?}, {}).",
+                redact_url(&settings.url),
+                url.w,
+                url.journal,
+                settings.journal
+            );
+        }
+    }
+    WriteConcern::builder()
+        .w(w)
+        .journal(settings.journal)
+        .w_timeout(
+            from_url
+                .and_then(|u| u.w_timeout)
+                .unwrap_or(WRITE_CONCERN_TIMEOUT),
+        )
+        .build()
+}
+
+/// A unique index on `keys` named `name`.
+fn unique_index(keys: Document, name: &str) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(
+            IndexOptions::builder()
+                .name(name.to_string())
+                .unique(true)
+                .build(),
+        )
+        .build()
+}
+
+/// Every filter the store sends. Each one names the room: on a collection
+/// sharded by `room`, mongos sends a query or update that names the room to
+/// the one shard that holds it, and any other to every shard. The tests
+/// check that each filter has `room`, and that no query of this file takes
+/// its filter from anywhere else.
+mod filter {
+    use super::*;
+
+    /// Every message of `room`.
+    pub(super) fn room(room: &str) -> Document {
+        doc! {"room": room}
+    }
+
+    /// The messages of `room` below `before`; all of them without it, or
+    /// when it is above any storable seq.
+    pub(super) fn before(room: &str, before: Option<u64>) -> Document {
+        match before.and_then(|b| i64::try_from(b).ok()) {
+            Some(b) => doc! {"room": room, "seq": {"$lt": b}},
+            None => doc! {"room": room},
+        }
+    }
+
+    /// The messages of `room` above `since` (at most `i64::MAX`).
+    pub(super) fn after(room: &str, since: u64) -> Document {
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        doc! {"room": room, "seq": {"$gt": since}}
+    }
+
+    /// The message `user_id` sent to `room` with `cid`.
+    pub(super) fn cid(room: &str, user_id: &str, cid: &str) -> Document {
+        doc! {"room": room, "user.id": user_id, "cid": cid}
+    }
+
+    /// The messages of `room` stored with a `ts` of `since_ms` or later.
+    pub(super) fn since(room: &str, since_ms: i64) -> Document {
+        doc! {"room": room, "ts": {"$gte": DateTime::from_millis(since_ms)}}
+    }
+
+    /// The message of `room` at `seq`.
+    pub(super) fn at_seq(room: &str, seq: u64) -> Document {
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        doc! {"room": room, "seq": seq}
+    }
+
+    /// The stored copies of `messages`, by room and `_id` (a message's
+    /// `_id` is unique on its room's shard only).
+    pub(super) fn stored(messages: &[&ChatMessage]) -> Document {
+        let mut rooms: Vec<&str> = messages.iter().map(|m| m.room.as_str()).collect();
+        rooms.sort_unstable();
+        rooms.dedup();
+        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+        doc! {"room": {"$in": &rooms}, "_id": {"$in": &ids}}
+    }
+
+    /// The stored copy of `m` while its seq is below `m.seq`.
+    pub(super) fn raise_seq(m: &ChatMessage) -> Document {
+        let seq = i64::try_from(m.seq).unwrap_or(i64::MAX);
+        doc! {"room": &m.room, "_id": &m.id, "seq": {"$lt": seq}}
     }
 }
 
@@ -406,9 +678,10 @@ fn id_of(d: &Document) -> String {
 
 /// Maps a driver error: the server or the network failing is `Unavailable`
 /// (the caller may retry); our own mistakes (bad arguments, undecodable
-/// data) are `Internal`. The message names what was being done.
-fn mongo_error(doing: &str, e: MongoError) -> ChatError {
-    let message = format!("MongoDB: cannot {doing}: {e}");
+/// data) are `Internal`. The message names what was being done, and never
+/// the secrets of `url` (the driver may quote parts of it).
+fn mongo_error(doing: &str, e: MongoError, url: &str) -> ChatError {
+    let message = redact_secrets(&format!("MongoDB: cannot {doing}: {e}"), url);
     match e.kind.as_ref() {
         ErrorKind::InvalidArgument { .. }
         | ErrorKind::BsonDeserialization(_)
@@ -422,421 +695,148 @@ fn mongo_error(doing: &str, e: MongoError) -> ChatError {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    const URL: &str = "mongodb://127.0.0.1:27017";
-
-    fn settings() -> MongoSettings {
-        MongoSettings {
-            url: URL.into(),
-            database: format!(
-                "test_{}",
-                ulid::Ulid::new().to_string().to_ascii_lowercase()
-            ),
-            batch_size: 500,
-        }
-    }
-
-    /// Connects to a fresh database; panics with a hint when MongoDB is down.
-    async fn store() -> MongoStore {
-        match MongoStore::connect(&settings()).await {
-            Ok(s) => s,
-            Err(e) => panic!("MongoDB must run on {URL} (scripts/services up): {e:?}"),
-        }
-    }
 
     fn message(room: &str, seq: u64) -> ChatMessage {
         ChatMessage {
             room: room.into(),
             seq,
-            id: ulid::Ulid::new().to_string(),
+            id: format!("id-{room}-{seq}"),
             user: User {
                 id: "u1".into(),
                 name: "alice".into(),
             },
-            text: format!("message {seq} with ünïcödé, \"quotes\" and\na newline"),
-            ts: 1_700_000_000_123 + seq as i64,
+            text: "hi".into(),
+            ts: 0,
             cid: format!("c{seq}"),
         }
     }
 
-    /// Runs `body` on a fresh store, drops its database whatever happened,
-    /// then fails if the body did.
-    async fn with_store<F, Fut>(body: F)
-    where
-        F: FnOnce(MongoStore) -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>>,
-    {
-        let store = store().await;
-        let result = body(store.clone()).await;
-        let dropped = store.drop_database().await;
-        if let Err(e) = result {
-            panic!("{e}");
-        }
-        if let Err(e) = dropped {
-            panic!("cannot drop the test database: {e:?}");
-        }
-    }
-
-    /// `assert!` for the bodies, which return errors so clean-up still runs.
-    macro_rules! check {
-        ($cond:expr, $($msg:tt)+) => {
-            if !$cond {
-                return Err(format!($($msg)+));
+    /// Whether `filter` selects by room: `room` is its first key, an exact
+    /// room or a `$in` list of rooms.
+    fn names_the_room(filter: &Document) -> bool {
+        let first = filter.keys().next().map(String::as_str);
+        let targeted = match filter.get("room") {
+            Some(Bson::String(_)) => true,
+            Some(Bson::Document(op)) => {
+                op.len() == 1
+                    && matches!(op.get("$in"), Some(Bson::Array(rooms)) if !rooms.is_empty())
             }
+            _ => false,
         };
+        first == Some("room") && targeted
     }
 
-    fn err(e: ChatError) -> String {
-        format!("{e:?}")
-    }
-
-    #[tokio::test]
-    async fn round_trip_keeps_every_field_and_stores_a_bson_date() {
-        with_store(|store| async move {
-            let msgs: Vec<_> = (1..=5).map(|s| message("general", s)).collect();
-            let other = message("random", 1);
-            check!(store.insert_batch(&msgs).await.map_err(err)? == 5, "5 new");
-            check!(
-                store
-                    .insert_batch(std::slice::from_ref(&other))
-                    .await
-                    .map_err(err)?
-                    == 1,
-                "1 new"
-            );
-
-            let (page, has_more) = store.before("general", None, 50).await.map_err(err)?;
-            check!(page == msgs, "latest page differs: {page:#?}");
-            check!(!has_more, "nothing older");
-            let after = store.after("general", 2, 10).await.map_err(err)?;
-            check!(after == msgs[2..], "after 2: {after:#?}");
-            check!(
-                store.after("general", 1, 2).await.map_err(err)? == msgs[1..3],
-                "limit"
-            );
-            check!(
-                store.after("general", 5, 10).await.map_err(err)?.is_empty(),
-                "after end"
-            );
-            check!(store.max_seq("general").await.map_err(err)? == 5, "max seq");
-            check!(
-                store.max_seq("random").await.map_err(err)? == 1,
-                "max seq other"
-            );
-            check!(
-                store.max_seq("empty").await.map_err(err)? == 0,
-                "max seq empty"
-            );
-            store.ping().await.map_err(err)?;
-
-            // The stored shape, as the contract fixes it.
-            let raw = store
-                .collection()
-                .find_one(doc! {"_id": &msgs[0].id})
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("first message not found by _id")?;
-            check!(
-                raw.get("seq") == Some(&Bson::Int64(1)),
-                "seq is Int64: {raw}"
-            );
-            check!(
-                raw.get("ts") == Some(&Bson::DateTime(DateTime::from_millis(msgs[0].ts))),
-                "ts is a BSON date: {raw}"
-            );
-            check!(
-                raw.get_document("user").ok() == Some(&doc! {"id": "u1", "name": "alice"}),
-                "user: {raw}"
-            );
-            let keys: Vec<&str> = raw.keys().map(String::as_str).collect();
-            check!(
-                keys == ["_id", "room", "seq", "user", "text", "ts", "cid"],
-                "fields: {keys:?}"
-            );
-            Ok(())
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn a_replayed_batch_is_stored_once_without_error() {
-        with_store(|store| async move {
-            let msgs: Vec<_> = (1..=20).map(|s| message("general", s)).collect();
-            check!(
-                store.insert_batch(&msgs[..10]).await.map_err(err)? == 10,
-                "first half"
-            );
-            // A replay of the first half together with new messages.
-            let n = store.insert_batch(&msgs).await.map_err(err)?;
-            check!(n == 10, "only the second half is new, got {n}");
-            let n = store.insert_batch(&msgs).await.map_err(err)?;
-            check!(n == 0, "a full replay is not new, got {n}");
-            let count = store
-                .collection()
-                .count_documents(doc! {})
-                .await
-                .map_err(|e| e.to_string())?;
-            check!(count == 20, "each message once, got {count}");
-            // A different message with a seq already taken is not stored
-            // either, and does not fail the batch.
-            let clash = message("general", 3);
-            let n = store
-                .insert_batch(&[clash, message("general", 21)])
-                .await
-                .map_err(err)?;
-            check!(n == 1, "only seq 21 is new, got {n}");
-            let (page, _) = store.before("general", Some(4), 1).await.map_err(err)?;
-            check!(
-                page == msgs[2..3],
-                "seq 3 is still the first one: {page:#?}"
-            );
-            Ok(())
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn a_message_stored_again_under_a_higher_seq_keeps_the_higher() {
-        with_store(|store| async move {
-            let first = message("general", 4);
-            let mut moved = first.clone();
-            moved.seq = 9;
-            // The first seq, then the new one: raised.
-            check!(
-                store
-                    .insert_batch(std::slice::from_ref(&first))
-                    .await
-                    .map_err(err)?
-                    == 1,
-                "new"
-            );
-            check!(
-                store
-                    .insert_batch(std::slice::from_ref(&moved))
-                    .await
-                    .map_err(err)?
-                    == 0,
-                "not new"
-            );
-            let stored = store.after("general", 0, 10).await.map_err(err)?;
-            check!(stored == [moved.clone()], "raised to 9: {stored:#?}");
-            let seqs = || async {
-                let stored = store.after("general", 0, 10).await.map_err(err)?;
-                Ok::<Vec<u64>, String>(stored.iter().map(|m| m.seq).collect())
-            };
-            // The first seq again, late (a replay): not lowered.
-            let n = store
-                .insert_batch(&[first.clone(), message("general", 5)])
-                .await
-                .map_err(err)?;
-            check!(n == 1, "only 5 is new, got {n}");
-            check!(seqs().await? == [5, 9], "still 9");
-            check!(store.max_seq("general").await.map_err(err)? == 9, "max seq");
-            // Both records in one batch, in either order: the higher stays.
-            for (low, high) in [(6, 12), (7, 13)] {
-                let first = message("general", low);
-                let mut moved = first.clone();
-                moved.seq = high;
-                let batch = if low == 6 {
-                    [moved, first]
-                } else {
-                    [first, moved]
-                };
-                let n = store.insert_batch(&batch).await.map_err(err)?;
-                check!(n == 1, "one of the two records of {low} is new, got {n}");
-            }
-            check!(
-                seqs().await? == [5, 9, 12, 13],
-                "6 and 7 stored as 12 and 13"
-            );
-            Ok(())
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn the_unique_room_seq_index_exists_and_connect_is_idempotent() {
-        with_store(|store| async move {
-            // A second connect to the same database finds the index in place.
-            let settings = MongoSettings {
-                url: URL.into(),
-                database: store.db.name().to_string(),
-                batch_size: 500,
-            };
-            MongoStore::connect(&settings).await.map_err(err)?;
-            let indexes: Vec<IndexModel> = store
-                .collection()
-                .list_indexes()
-                .await
-                .map_err(|e| e.to_string())?
-                .try_collect()
-                .await
-                .map_err(|e| e.to_string())?;
-            let found = indexes
-                .iter()
-                .find(|i| i.keys == doc! {"room": 1, "seq": 1});
-            let Some(index) = found else {
-                return Err(format!("no (room, seq) index in {indexes:#?}"));
-            };
-            let unique = index.options.as_ref().and_then(|o| o.unique);
-            check!(unique == Some(true), "index is not unique: {index:#?}");
-            Ok(())
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn paging_back_reaches_seq_1() {
-        with_store(|store| async move {
-            let msgs: Vec<_> = (1..=23).map(|s| message("paged", s)).collect();
-            check!(
-                store.insert_batch(&msgs).await.map_err(err)? == 23,
-                "23 new"
-            );
-            let mut seen = Vec::new();
-            let mut before = None;
-            let mut pages = 0;
-            loop {
-                let (page, has_more) = store.before("paged", before, 10).await.map_err(err)?;
-                pages += 1;
-                check!(pages <= 3, "too many pages");
-                check!(
-                    page.windows(2).all(|w| w[0].seq < w[1].seq),
-                    "page not ascending"
-                );
-                let first = page.first().map(|m| m.seq);
-                seen.splice(0..0, page);
-                if !has_more {
-                    break;
-                }
-                before = first;
-            }
-            check!(pages == 3, "10 + 10 + 3, got {pages} pages");
-            check!(
-                seen == msgs,
-                "paging back yields every message once, in order"
-            );
-            let (page, has_more) = store.before("paged", Some(11), 10).await.map_err(err)?;
-            check!(
-                page == msgs[..10] && !has_more,
-                "exactly 10 below 11: no more"
-            );
-            let (page, has_more) = store.before("paged", Some(1), 10).await.map_err(err)?;
-            check!(page.is_empty() && !has_more, "nothing below 1");
-            let (page, has_more) = store
-                .before("paged", Some(u64::MAX), 2)
-                .await
-                .map_err(err)?;
-            check!(
-                page == msgs[21..] && has_more,
-                "a huge before is the latest"
-            );
-            let (page, has_more) = store.before("paged", None, 0).await.map_err(err)?;
-            check!(page.is_empty() && has_more, "limit 0 still says has_more");
-            Ok(())
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn a_message_with_nul_is_refused_before_sending() {
-        with_store(|store| async move {
-            let good = message("general", 1);
-            for field in ["text", "cid", "user.name"] {
-                let mut bad = message("general", 2);
-                match field {
-                    "text" => bad.text = "a\0b".into(),
-                    "cid" => bad.cid = "c\0".into(),
-                    _ => bad.user.name = "\0".into(),
-                }
-                match store.insert_batch(&[good.clone(), bad]).await {
-                    Err(ChatError::Internal(m)) => {
-                        check!(m.contains("NUL") && m.contains(field), "message: {m}")
-                    }
-                    other => return Err(format!("{field}: expected Internal, got {other:?}")),
-                }
-            }
-            // Nothing of a refused batch was sent.
-            let count = store
-                .collection()
-                .count_documents(doc! {})
-                .await
-                .map_err(|e| e.to_string())?;
-            check!(count == 0, "refused batches store nothing, got {count}");
-            let mut huge = message("general", 1);
-            huge.seq = u64::MAX;
-            check!(
-                matches!(check_storable(&huge), Err(ChatError::Internal(_))),
-                "a seq above i64::MAX is refused"
-            );
-            Ok(())
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn filters_take_room_names_as_values() {
-        with_store(|store| async move {
-            check!(
-                store
-                    .insert_batch(&[message("general", 1)])
-                    .await
-                    .map_err(err)?
-                    == 1,
-                "1"
-            );
-            // Strings that would be operators or patterns in a string-built
-            // query match nothing here.
-            for room in ["$gt", "{\"$ne\": null}", ".*", "general' || '1'=='1"] {
-                check!(
-                    store.max_seq(room).await.map_err(err)? == 0,
-                    "max_seq {room}"
-                );
-                let (page, _) = store.before(room, None, 10).await.map_err(err)?;
-                check!(page.is_empty(), "before {room}");
-                check!(
-                    store.after(room, 0, 10).await.map_err(err)?.is_empty(),
-                    "after {room}"
-                );
-            }
-            Ok(())
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn an_undecodable_document_is_an_internal_error_naming_it() {
-        with_store(|store| async move {
-            store
-                .collection()
-                .insert_one(doc! {"_id": "broken-1", "room": "general", "seq": 1_i64, "text": 5})
-                .await
-                .map_err(|e| e.to_string())?;
-            match store.before("general", None, 10).await {
-                Err(ChatError::Internal(m)) => check!(m.contains("broken-1"), "message: {m}"),
-                other => return Err(format!("expected Internal, got {other:?}")),
-            }
-            Ok(())
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn a_down_server_is_unavailable_quickly() {
-        let settings = MongoSettings {
-            // Nothing listens on port 1.
-            url: "mongodb://127.0.0.1:1".into(),
-            database: "unused".into(),
-            batch_size: 10,
-        };
-        let started = std::time::Instant::now();
-        let result = MongoStore::connect(&settings).await;
-        assert!(
-            matches!(result, Err(ChatError::Unavailable(_))),
-            "expected Unavailable, got {:?}",
-            result.err()
+    #[test]
+    fn every_filter_names_the_room() {
+        let a = message("general", 3);
+        let b = message("random", 9);
+        let filters = [
+            ("room", filter::room("general")),
+            ("before", filter::before("general", Some(10))),
+            ("before none", filter::before("general", None)),
+            ("before huge", filter::before("general", Some(u64::MAX))),
+            ("after", filter::after("general", 4)),
+            ("cid", filter::cid("general", "u1", "c1")),
+            ("at_seq", filter::at_seq("general", 3)),
+            ("since", filter::since("general", 1_700_000_000_000)),
+            ("stored", filter::stored(&[&a, &b, &a])),
+            ("raise_seq", filter::raise_seq(&a)),
+        ];
+        for (name, f) in &filters {
+            assert!(names_the_room(f), "{name}: {f}");
+        }
+        assert_eq!(
+            filter::stored(&[&b, &a, &b]),
+            doc! {"room": {"$in": ["general", "random"]}, "_id": {"$in": [&b.id, &a.id, &b.id]}}
         );
-        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(
+            filter::raise_seq(&a),
+            doc! {"room": "general", "_id": &a.id, "seq": {"$lt": 3_i64}}
+        );
+        assert_eq!(
+            filter::cid("general", "u1", "c1"),
+            doc! {"room": "general", "user.id": "u1", "cid": "c1"}
+        );
+        assert_eq!(
+            filter::before("general", Some(u64::MAX)),
+            doc! {"room": "general"}
+        );
+    }
+
+    /// Every operation on the collection in this file is either a write
+    /// that carries its room in the document (`insert_many`), the index
+    /// set-up, or a query or update whose filter comes from [`filter`], so
+    /// the test above covers them all. A new one that builds its filter
+    /// elsewhere, or a new kind of operation, fails here.
+    #[test]
+    fn every_query_takes_its_filter_from_the_filter_module() {
+        let source = include_str!("mongo.rs");
+        let code = source.split("#[cfg(test)]").next().unwrap();
+        let without_filter = ["insert_many", "create_index", "write_concern"];
+        let mut queries = 0;
+        for (at, _) in code.match_indices(".messages") {
+            let rest = code[at + ".messages".len()..].trim_start();
+            let Some(call) = rest.strip_prefix('.') else {
+                // A field access or a declaration: not an operation.
+                continue;
+            };
+            let Some((method, argument)) = call.split_once('(') else {
+                continue;
+            };
+            if without_filter.contains(&method) {
+                continue;
+            }
+            queries += 1;
+            assert!(
+                argument.trim_start().starts_with("filter::"),
+                "`.messages.{method}(` at byte {at} does not take its filter from `filter::`"
+            );
+        }
+        assert!(
+            queries >= 8,
+            "found only {queries} queries: has the file changed?"
+        );
+    }
+
+    #[test]
+    fn writes_ask_for_majority_and_journal_by_default() {
+        let settings = MongoSettings::new("mongodb://h", "d");
+        let wc = write_concern(&settings, None);
+        assert_eq!(wc.w, Some(Acknowledgment::Majority));
+        assert_eq!(wc.journal, Some(true));
+        assert_eq!(wc.w_timeout, Some(WRITE_CONCERN_TIMEOUT));
+    }
+
+    #[test]
+    fn the_settings_win_over_the_url_but_its_timeout_stays() {
+        let settings = MongoSettings {
+            write_concern: config::WriteConcern::Members(2),
+            journal: false,
+            ..MongoSettings::new("mongodb://h/?w=1&journal=true&wtimeoutMS=2500", "d")
+        };
+        let from_url = WriteConcern::builder()
+            .w(Acknowledgment::Nodes(1))
+            .journal(true)
+            .w_timeout(Duration::from_millis(2500))
+            .build();
+        let wc = write_concern(&settings, Some(&from_url));
+        assert_eq!(wc.w, Some(Acknowledgment::Nodes(2)));
+        assert_eq!(wc.journal, Some(false));
+        assert_eq!(wc.w_timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn errors_never_show_the_password_of_the_url() {
+        let url = "mongodb://chat:s3cr%3Ft@db:27017/?authSource=admin";
+        let e = MongoError::from(std::io::Error::other(format!(
+            "cannot use {url}: password s3cr?t refused"
+        )));
+        let shown = mongo_error("connect", e, url).detail();
+        assert!(
+            !shown.contains("s3cr") && shown.contains("mongodb://chat:***@db:27017"),
+            "{shown}"
+        );
     }
 }

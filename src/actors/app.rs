@@ -1,0 +1,60 @@
+//! `AppState`: what the HTTP handlers and the sessions of a node share.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::registry::RoomRegistry;
+use crate::auth::Tokens;
+use crate::config::Settings;
+use crate::limits::{AddressSlots, UserRates};
+use crate::metrics::Metrics;
+use crate::store::MessageStore;
+
+/// What every request handler and session shares.
+pub struct AppState {
+    pub settings: Settings,
+    pub tokens: Tokens,
+    pub store: Arc<dyn MessageStore>,
+    pub registry: Addr<RoomRegistry>,
+    pub metrics: Arc<Metrics>,
+    /// Set on SIGTERM: new messages are refused while the node drains.
+    pub draining: AtomicBool,
+    /// One token bucket per user, over all of the user's connections.
+    pub user_rates: UserRates,
+    /// WebSocket connections open per client address.
+    pub address_slots: Arc<AddressSlots>,
+    session_ids: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(
+        settings: Settings,
+        store: Arc<dyn MessageStore>,
+        registry: Addr<RoomRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            tokens: Tokens::new(&settings.auth.secret, settings.auth.token_ttl_secs),
+            store,
+            registry,
+            metrics,
+            draining: AtomicBool::new(false),
+            user_rates: UserRates::new(
+                settings.limits.user_rate_per_sec,
+                settings.limits.user_rate_burst,
+            ),
+            address_slots: Arc::new(AddressSlots::new(
+                settings.limits.max_connections_per_address,
+            )),
+            session_ids: AtomicU64::new(1),
+            settings,
+        }
+    }
+
+    /// A node-unique number for a new session.
+    pub fn next_session_id(&self) -> u64 {
+        self.session_ids.fetch_add(1, Relaxed)
+    }
+}

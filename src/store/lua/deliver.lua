@@ -1,0 +1,115 @@
+-- Caches a durable message and publishes it on its room's channel, once
+-- per cid.
+--
+-- KEYS[1]  the room's recent-history cache, a sorted set of message JSON
+--          scored by seq                                   (keys::recent)
+-- KEYS[2]  the highest seq MongoDB holds                   (keys::persisted)
+-- KEYS[3]  the room's seq                                  (keys::seq)
+-- KEYS[4]  the room's accepted cids, a hash                (keys::cids)
+-- KEYS[5]  the room's recently published seqs, a sorted set of
+--          `<seq>:<ms since the epoch>` scored by seq      (keys::published)
+-- ARGV[1]  the message's seq
+-- ARGV[2]  the message as JSON (cached)
+-- ARGV[3]  the channel event carrying it, as JSON (published)
+-- ARGV[4]  the cache's size, in messages
+-- ARGV[5]  the room's channel                              (keys::channel)
+-- ARGV[6]  the trim margin: seqs below the persisted one still kept
+-- ARGV[7]  the cid's field, `<user id>:<cid>`
+-- ARGV[8]  the message's id
+-- ARGV[9]  the message's ts
+-- ARGV[10] late: how long ago a higher seq may have been published for
+--          this one to still go out under its own seq (ms)
+-- ARGV[11] how long the room remembers its cids (s)
+-- ARGV[12] the publish command: PUBLISH on one server, SPUBLISH on a
+--          cluster (the channel is in the room's slot, so the shard that
+--          runs the script is the one that carries it)
+--
+-- - An attempt of a cid that was published already publishes nothing. If
+--   it went out under a new seq, the reply says so: the attempt that
+--   published it may never have heard back (its reply lost to a timeout
+--   while the script ran), and the new seq is durable only once produced.
+-- - A message is late when a higher seq was published `late` ms ago or
+--   more (or has left the published window): the rooms have stopped
+--   waiting for it and would skip it. It is published under the room's
+--   next seq instead, and the caller makes it durable under that seq.
+-- - The cache is trimmed to its size, but never within the margin of the
+--   highest seq MongoDB holds: seqs reach Kafka slightly out of order
+--   across nodes, so a lower seq may still be on its way to MongoDB.
+--
+-- Reply, decoded by `scripts::Delivery`:
+--   {'published', seq}    published under its own seq
+--   {'earlier', seq}      another attempt of its cid went out, under seq
+--   {'resequenced', seq}  it came late and went out under this new seq (by
+--                         this attempt or an earlier one)
+
+local seq = tonumber(ARGV[1])
+local prior = redis.call('HGET', KEYS[4], ARGV[7])
+if prior then
+  local mark = string.sub(prior, -2)
+  if mark == ' d' then
+    return {'earlier', tonumber(string.match(prior, '^%d+'))}
+  elseif mark == ' r' then
+    return {'resequenced', tonumber(string.match(prior, '^%d+'))}
+  end
+end
+local tail = ' ' .. ARGV[8] .. ' ' .. ARGV[9]
+if #redis.call('ZRANGEBYSCORE', KEYS[1], seq, seq, 'LIMIT', 0, 1) > 0 then
+  redis.call('HSET', KEYS[4], ARGV[7], seq .. tail .. ' d')
+  return {'earlier', seq}
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local keep = 256
+local late = false
+local above = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. seq, '+inf', 'LIMIT', 0, 1)
+if #above > 0 then
+  local at = tonumber(string.match(above[1], ':(%d+)$') or '0')
+  late = now - at >= tonumber(ARGV[10])
+  if not late and redis.call('ZCARD', KEYS[5]) >= keep then
+    local low = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+    late = seq < tonumber(low[2])
+  end
+end
+local final = seq
+local message, event = ARGV[2], ARGV[3]
+if late and redis.call('EXISTS', KEYS[3]) == 1 then
+  final = redis.call('INCR', KEYS[3])
+  local function with_seq(json)
+    local key = '"seq":' .. seq
+    local i, j = string.find(json, key, 1, true)
+    if not i then
+      return nil
+    end
+    return string.sub(json, 1, i - 1) .. '"seq":' .. final .. string.sub(json, j + 1)
+  end
+  message, event = with_seq(message), with_seq(event)
+  if not message or not event then
+    return redis.error_reply('DELIVER: the message has no seq ' .. seq)
+  end
+end
+redis.call('ZADD', KEYS[1], final, message)
+redis.call(ARGV[12], ARGV[5], event)
+redis.call('ZADD', KEYS[5], final, final .. ':' .. now)
+local published = redis.call('ZCARD', KEYS[5])
+if published > keep then
+  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, published - keep - 1)
+end
+redis.call('EXPIRE', KEYS[5], 600)
+local mark = ' d'
+if final ~= seq then
+  mark = ' r'
+end
+redis.call('HSET', KEYS[4], ARGV[7], final .. tail .. mark)
+redis.call('EXPIRE', KEYS[4], ARGV[11])
+local n = redis.call('ZCARD', KEYS[1])
+local size = tonumber(ARGV[4])
+if n > size then
+  local persisted = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local edge = redis.call('ZRANGE', KEYS[1], n - size - 1, n - size - 1, 'WITHSCORES')
+  local cutoff = math.min(persisted - tonumber(ARGV[6]), tonumber(edge[2]))
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+end
+if final ~= seq then
+  return {'resequenced', final}
+end
+return {'published', final}
