@@ -38,7 +38,7 @@ const DELIVER_WITHIN: Duration = Duration::from_secs(30);
 /// A test's nodes on its own topic, consumer group and database.
 struct Cluster {
     opts: ClusterOpts,
-    nodes: Vec<Node>,
+    nodes: Vec<TestNode>,
     rooms: Vec<String>,
 }
 
@@ -56,7 +56,7 @@ impl Cluster {
         let ids: Vec<String> = (0..n)
             .map(|i| format!("t-{tag}-{}", char::from(b'a' + i as u8)))
             .collect();
-        let nodes = join_all(ids.iter().map(|id| Node::start_cluster(id, &opts))).await;
+        let nodes = join_all(ids.iter().map(|id| TestNode::start_cluster(id, &opts))).await;
         Cluster {
             opts,
             nodes,
@@ -128,19 +128,10 @@ impl Cluster {
                 eprintln!("cleanup: deleting topic {}: {e}", self.opts.topic);
             }
             let _ = admin.delete_groups(&[&self.opts.group], &options).await;
-            let redis = redis::Client::open(self.opts.redis_url.as_str()).unwrap();
-            match redis.get_multiplexed_async_connection().await {
+            match self.opts.services.try_redis().await {
                 Ok(mut conn) => {
-                    let mut pipe = redis::pipe();
-                    for room in &self.rooms {
-                        pipe.del(&keys::of_room(room)).srem(keys::ROOMS, room);
-                    }
-                    for node in &self.nodes {
-                        pipe.del(keys::node_rooms(&node.opts.node_id))
-                            .zrem(keys::NODES, &node.opts.node_id);
-                    }
-                    let done: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
-                    if let Err(e) = done {
+                    let nodes = self.nodes.iter().map(|n| n.opts.node_id.as_str());
+                    if let Err(e) = forget_in_redis(&mut conn, &self.rooms, nodes).await {
                         eprintln!("cleanup: Redis keys: {e}");
                     }
                 }
@@ -165,7 +156,7 @@ fn text_of(cid: &str) -> String {
 }
 
 /// Sends `send` frames for `cids` without waiting for anything.
-async fn send_all(c: &mut Client, room: &str, cids: &[String]) {
+async fn send_all(c: &mut TestClient, room: &str, cids: &[String]) {
     for cid in cids {
         c.send_json(&json!({ "op": "send", "room": room, "text": text_of(cid), "cid": cid }))
             .await;
@@ -201,7 +192,7 @@ impl Seen {
 /// Reads until every cid of `msgs` arrived as a `msg` of `room` and every
 /// cid of `acks` was acked; panics on an `error` frame or after `within`.
 async fn read_until(
-    c: &mut Client,
+    c: &mut TestClient,
     who: &str,
     room: &str,
     msgs: &BTreeSet<String>,
@@ -260,7 +251,7 @@ async fn read_until(
 
 /// Asserts that nothing more of `room` is on its way to `c`: no `msg` of
 /// the room arrives before the answer to a `ping`.
-async fn assert_no_more_msgs(c: &mut Client, who: &str, room: &str) {
+async fn assert_no_more_msgs(c: &mut TestClient, who: &str, room: &str) {
     for v in c.ping(now_ms()).await {
         assert!(
             !(v["op"] == "msg" && v["room"] == room),
@@ -270,7 +261,13 @@ async fn assert_no_more_msgs(c: &mut Client, who: &str, room: &str) {
 }
 
 /// `POST /api/v1/rooms/{room}/messages` with a bearer token.
-async fn post_message(node: &Node, token: &str, room: &str, text: &str, cid: &str) -> (u16, Value) {
+async fn post_message(
+    node: &TestNode,
+    token: &str,
+    room: &str,
+    text: &str,
+    cid: &str,
+) -> (u16, Value) {
     let resp = node
         .http()
         .post(node.url(&format!("/api/v1/rooms/{room}/messages")))
@@ -295,8 +292,7 @@ async fn accepted_not_published(
     user: &Value,
     cid: &str,
 ) -> (u64, String) {
-    let redis = redis::Client::open(opts.redis_url.as_str()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = opts.redis().await;
     let seq: u64 = redis::cmd("INCR")
         .arg(keys::seq(room))
         .query_async(&mut conn)
@@ -314,7 +310,7 @@ async fn accepted_not_published(
 }
 
 /// The presence frame of `room` that `c` gets next (other frames skipped).
-async fn next_presence(c: &mut Client, room: &str) -> Value {
+async fn next_presence(c: &mut TestClient, room: &str) -> Value {
     c.recv_until_pred(|v| v["op"] == "presence" && v["room"] == room)
         .await
         .0
@@ -736,8 +732,7 @@ async fn history_pages_back_to_seq_1_past_the_cache() {
     // and only below what MongoDB holds (less the node's safety margin), so
     // a few more messages, each sent once the previous one is stored, push
     // it out.
-    let redis = redis::Client::open(cluster.opts.redis_url.as_str()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = cluster.opts.redis().await;
     loop {
         let cached_first: usize = redis::cmd("ZCOUNT")
             .arg(keys::recent(&room))
@@ -885,12 +880,12 @@ async fn clients_of_a_killed_node_resume_on_another_and_miss_nothing() {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match ann.next_event(left).await {
-            Event::Json(v) if v["op"] == "msg" && v["room"] == room => {
+            WsEvent::Json(v) if v["op"] == "msg" && v["room"] == room => {
                 last_seen = last_seen.max(v["seq"].as_u64().unwrap());
             }
-            Event::Json(_) | Event::Other(_) => {}
-            Event::Closed(_) | Event::Error(_) => break,
-            Event::Timeout => panic!("ann's connection to the killed node did not end"),
+            WsEvent::Json(_) | WsEvent::Other(_) => {}
+            WsEvent::Closed(_) | WsEvent::Error(_) => break,
+            WsEvent::Timeout => panic!("ann's connection to the killed node did not end"),
         }
     }
 
@@ -1255,5 +1250,106 @@ async fn readyz_names_every_cluster_service() {
     for service in ["redis", "kafka", "mongo"] {
         assert_eq!(body["dependencies"][service], "ok", "{service} in {body}");
     }
+    cluster.cleanup().await;
+}
+
+/// Redis loses a room (its keys are deleted, as a restart without its file
+/// would): the next message seeds the room above every stored seq, and a
+/// retry of a cid accepted before the loss gets that message's id and seq,
+/// whether the seeding took the cid back from MongoDB or, in a room marked
+/// as recovering, the accept looks it up there. No second message is made.
+#[tokio::test]
+async fn a_cid_accepted_before_redis_lost_the_room_is_recognised() {
+    let mut cluster = Cluster::start(1).await;
+    let room = cluster.room("lost");
+    let node = &cluster.nodes[0];
+    let (token, _) = node.guest("ann").await;
+    let mut ann = node.connect(&token).await;
+    ann.join(&room).await;
+    let cids: Vec<String> = (0..5).map(|i| format!("before-{i}")).collect();
+    let mut acked = BTreeMap::new();
+    for cid in &cids {
+        let ack = ann.send_acked(&room, &text_of(cid), cid).await;
+        acked.insert(
+            cid.clone(),
+            (
+                ack["seq"].as_u64().unwrap(),
+                ack["id"].as_str().unwrap().to_string(),
+            ),
+        );
+    }
+    cluster.wait_stored(&room, cids.len()).await;
+
+    // Redis loses the room.
+    let mut redis = cluster.opts.redis().await;
+    let _: () = redis::cmd("DEL")
+        .arg(&keys::of_room(&room)[..])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Seeded again from MongoDB, which gives the cids back.
+    let again = ann.send_acked(&room, "after", "after-0").await;
+    let last = acked.values().map(|(seq, _)| *seq).max().unwrap();
+    assert!(
+        again["seq"].as_u64().unwrap() > last,
+        "the seq went back: {again} after {last}"
+    );
+    let retry = ann
+        .send_acked(&room, &text_of("before-0"), "before-0")
+        .await;
+    assert_eq!(
+        (
+            retry["seq"].as_u64().unwrap(),
+            retry["id"].as_str().unwrap().to_string()
+        ),
+        acked["before-0"],
+        "a retry after the loss: {retry}"
+    );
+
+    // A room whose cids were not all taken back: the memory of a cid is
+    // gone, the room is recovering, and the accept asks MongoDB.
+    let _: () = redis::cmd("HDEL")
+        .arg(keys::cids(&room))
+        .arg(format!(
+            "{}:before-1",
+            ann.welcome["user"]["id"].as_str().unwrap()
+        ))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(keys::recovering(&room))
+        .arg(1)
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let retry = ann
+        .send_acked(&room, &text_of("before-1"), "before-1")
+        .await;
+    assert_eq!(
+        (
+            retry["seq"].as_u64().unwrap(),
+            retry["id"].as_str().unwrap().to_string()
+        ),
+        acked["before-1"],
+        "a retry in a recovering room: {retry}"
+    );
+    // A new cid in the recovering room is a new message.
+    let fresh = ann.send_acked(&room, "fresh", "after-1").await;
+    assert!(fresh["seq"].as_u64().unwrap() > again["seq"].as_u64().unwrap());
+
+    // MongoDB ends with one message per cid.
+    let stored = cluster.wait_stored(&room, cids.len() + 2).await;
+    let mut per_cid: BTreeMap<String, usize> = BTreeMap::new();
+    for d in &stored {
+        *per_cid
+            .entry(d.get_str("cid").unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(per_cid.values().all(|n| *n == 1), "{per_cid:?}");
+    assert_eq!(stored.len(), cids.len() + 2, "{per_cid:?}");
+
     cluster.cleanup().await;
 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 /// Joins `room` with `since = 0` on a fresh connection and returns every
 /// replayed message and the `joined` frame.
-async fn replay_all(node: &Node, token: &str, room: &str) -> (Vec<Value>, Value) {
+async fn replay_all(node: &TestNode, token: &str, room: &str) -> (Vec<Value>, Value) {
     let mut c = node.connect(token).await;
     let (msgs, joined) = c.join_since(room, 0).await;
     c.close().await;
@@ -22,7 +22,7 @@ async fn replay_all(node: &Node, token: &str, room: &str) -> (Vec<Value>, Value)
 
 #[tokio::test]
 async fn graceful_restart_keeps_every_acked_message() {
-    let mut node = Node::start_default().await;
+    let mut node = TestNode::start_default().await;
     let (token, user) = node.guest("ann").await;
     let mut a = node.connect(&token).await;
     a.join("durable").await;
@@ -77,7 +77,7 @@ async fn graceful_restart_keeps_every_acked_message() {
 
 #[tokio::test]
 async fn kill9_after_acks_keeps_every_acked_message() {
-    let mut node = Node::start_default().await;
+    let mut node = TestNode::start_default().await;
     let (token, _) = node.guest("ann").await;
     let mut a = node.connect(&token).await;
     a.join("crash").await;
@@ -128,7 +128,7 @@ async fn sigterm_mid_stream_loses_nothing_acked_and_retries_dedupe() {
 /// quarter of them is acked, restarts it, and checks that every acked message
 /// is there and that retrying the rest with the same cids stores each once.
 async fn stop_mid_stream(graceful: bool) {
-    let mut node = Node::start_default().await;
+    let mut node = TestNode::start_default().await;
     let (token, _) = node.guest("ann").await;
     let mut a = node.connect(&token).await;
     a.join("midcrash").await;
@@ -155,7 +155,7 @@ async fn stop_mid_stream(graceful: bool) {
         node.kill9();
     }
     // Acks that were already on the wire count too.
-    while let Event::Json(v) = a.next_event(Duration::from_millis(500)).await {
+    while let WsEvent::Json(v) = a.next_event(Duration::from_millis(500)).await {
         if v["op"] == "ack" {
             acks.push(v);
         }
@@ -224,7 +224,7 @@ async fn stop_mid_stream(graceful: bool) {
 
 #[tokio::test]
 async fn seq_keeps_increasing_across_restarts() {
-    let mut node = Node::start_default().await;
+    let mut node = TestNode::start_default().await;
     let (token, _) = node.guest("ann").await;
     let mut last = 0;
     for round in 0..3 {

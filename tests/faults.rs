@@ -18,6 +18,15 @@
 //! service ports from REDIS_PORT, KAFKA_PORT, KAFKA_CONTROLLER_PORT and
 //! MONGO_PORT, like `scripts/services`, and pass them on to it. Each prints
 //! one `FAULTS` line with its figures (run with `--nocapture` to see it).
+//!
+//! The scenarios named `cluster_*` (8a to 8e) are those of the cluster
+//! topology (`TOPOLOGY=cluster`: a Redis Cluster, three Kafka brokers): a
+//! partition leader and a Redis master killed, a slot migrated, a master
+//! paused, under load, and a second node with a live node's `node.id`.
+//! `make faults-cluster` runs them; `make faults` and `make test-faults`
+//! skip them, and they skip themselves on the single topology (but for 8d,
+//! which needs no fault in the services and runs in the normal `cargo test`
+//! on either).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -109,7 +118,7 @@ fn wipe_redis_data() {
 /// One scenario's nodes on its own topic, consumer group and database.
 struct Faulty {
     opts: ClusterOpts,
-    nodes: Vec<Node>,
+    nodes: Vec<TestNode>,
     room: String,
     /// Other rooms the scenario used, removed from Redis too.
     more_rooms: Vec<String>,
@@ -124,7 +133,7 @@ impl Faulty {
         let starts = roles.iter().enumerate().map(|(i, r)| {
             let mut cluster = opts.clone();
             cluster.roles = r.iter().map(|s| s.to_string()).collect();
-            Node::start(NodeOpts {
+            TestNode::start(NodeOpts {
                 node_id: format!("f-{tag}-{}", char::from(b'a' + i as u8)),
                 cluster: Some(cluster),
                 env: env
@@ -178,17 +187,13 @@ impl Faulty {
                 eprintln!("cleanup: deleting topic {}: {e}", self.opts.topic);
             }
             let _ = admin.delete_groups(&[&self.opts.group], &options).await;
-            let redis = redis::Client::open(self.opts.redis_url.as_str()).unwrap();
-            if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
-                let mut pipe = redis::pipe();
-                for room in std::iter::once(&self.room).chain(&self.more_rooms) {
-                    pipe.del(&keys::of_room(room)).srem(keys::ROOMS, room);
-                }
-                for node in &self.nodes {
-                    pipe.del(keys::node_rooms(&node.opts.node_id))
-                        .zrem(keys::NODES, &node.opts.node_id);
-                }
-                let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+            if let Ok(mut conn) = self.opts.services.try_redis().await {
+                let rooms: Vec<String> = std::iter::once(&self.room)
+                    .chain(&self.more_rooms)
+                    .cloned()
+                    .collect();
+                let nodes = self.nodes.iter().map(|n| n.opts.node_id.as_str());
+                let _ = forget_in_redis(&mut conn, &rooms, nodes).await;
             }
         };
         if tokio::time::timeout(Duration::from_secs(30), work)
@@ -213,6 +218,8 @@ struct Stored {
     drained_in: Duration,
     /// The cids of the room's documents.
     cids: BTreeSet<String>,
+    /// The id of each stored seq (the first document's, when several).
+    ids_by_seq: BTreeMap<u64, String>,
 }
 
 /// Polls MongoDB (at most `within`) until every acked message of the room is
@@ -266,7 +273,11 @@ async fn check_stored(
             let mut cids = BTreeSet::new();
             let mut duplicates = 0;
             let mut all_cids = BTreeSet::new();
+            let mut ids_by_seq = BTreeMap::new();
             for d in &docs {
+                ids_by_seq
+                    .entry(bson_int(d.get("seq")) as u64)
+                    .or_insert_with(|| d.get_str("_id").unwrap_or_default().to_string());
                 let user = d
                     .get_document("user")
                     .ok()
@@ -287,6 +298,7 @@ async fn check_stored(
                 duplicates,
                 drained_in: started.elapsed(),
                 cids: all_cids,
+                ids_by_seq,
             };
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -344,6 +356,9 @@ struct Outcome {
     retried_acks: usize,
     /// When each ack arrived, with its seq.
     ack_times: Vec<(Instant, u64)>,
+    /// For each ack: when the attempt it answered was sent, and when the
+    /// ack arrived.
+    ack_attempts: Vec<(Instant, Instant)>,
     /// The longest wait for an answer (ack or `unavailable`) to one attempt.
     slowest_answer: Duration,
     /// How many `msg` frames of each connection were its join replay.
@@ -389,7 +404,7 @@ fn ws_url(port: u16, token: &str) -> String {
 }
 
 /// A connection with its `welcome` read, or `None` (bounded to 5 s).
-async fn try_connect(port: u16, token: &str) -> Option<Client> {
+async fn try_connect(port: u16, token: &str) -> Option<TestClient> {
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(5),
         tokio_tungstenite::connect_async(ws_url(port, token)),
@@ -397,11 +412,11 @@ async fn try_connect(port: u16, token: &str) -> Option<Client> {
     .await
     .ok()?
     .ok()?;
-    Client::welcomed(ws, Duration::from_secs(5)).await.ok()
+    TestClient::welcomed(ws, Duration::from_secs(5)).await.ok()
 }
 
 /// `join since`: the replayed seqs, or `None` when refused or closed.
-async fn try_join(c: &mut Client, room: &str, since: u64) -> Option<Vec<u64>> {
+async fn try_join(c: &mut TestClient, room: &str, since: u64) -> Option<Vec<u64>> {
     let frame = json!({ "op": "join", "room": room, "since": since });
     if tokio::time::timeout(
         Duration::from_secs(5),
@@ -418,12 +433,12 @@ async fn try_join(c: &mut Client, room: &str, since: u64) -> Option<Vec<u64>> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match c.next_event(left).await {
-            Event::Json(v) if v["op"] == "msg" && v["room"] == room => {
+            WsEvent::Json(v) if v["op"] == "msg" && v["room"] == room => {
                 replay.push(v["seq"].as_u64().unwrap());
             }
-            Event::Json(v) if v["op"] == "joined" && v["room"] == room => return Some(replay),
-            Event::Json(v) if v["op"] == "error" && v["ref"] == "join" => return None,
-            Event::Json(_) | Event::Other(_) => {}
+            WsEvent::Json(v) if v["op"] == "joined" && v["room"] == room => return Some(replay),
+            WsEvent::Json(v) if v["op"] == "error" && v["ref"] == "join" => return None,
+            WsEvent::Json(_) | WsEvent::Other(_) => {}
             _ => return None,
         }
     }
@@ -431,7 +446,7 @@ async fn try_join(c: &mut Client, room: &str, since: u64) -> Option<Vec<u64>> {
 
 /// Runs one client's plan; returns what it saw and its last connection (if
 /// it still has one).
-async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Client>) {
+async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<TestClient>) {
     let mut out = Outcome {
         name: plan.name.clone(),
         ..Outcome::default()
@@ -526,12 +541,12 @@ async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Clie
                 }
             }
             let event = if closed {
-                Event::Closed(None)
+                WsEvent::Closed(None)
             } else {
                 c.next_event(wait.max(Duration::from_millis(1))).await
             };
             match event {
-                Event::Json(v) => match v["op"].as_str() {
+                WsEvent::Json(v) => match v["op"].as_str() {
                     Some("msg") if v["room"] == plan.room => {
                         let seq = v["seq"].as_u64().unwrap();
                         seen.push(seq);
@@ -549,6 +564,7 @@ async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Clie
                         }
                         if let Some((at, first)) = in_flight.remove(&cid) {
                             out.slowest_answer = out.slowest_answer.max(at.elapsed());
+                            out.ack_attempts.push((at, Instant::now()));
                             if first && connections == 1 {
                                 out.latencies_ms.push(at.elapsed().as_secs_f64() * 1000.0);
                             } else {
@@ -577,8 +593,8 @@ async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Clie
                     }
                     _ => {}
                 },
-                Event::Timeout | Event::Other(_) => {}
-                Event::Closed(_) | Event::Error(_) => {
+                WsEvent::Timeout | WsEvent::Other(_) => {}
+                WsEvent::Closed(_) | WsEvent::Error(_) => {
                     out.conns.push(seen);
                     if plan.stop_on_close {
                         out.unanswered = in_flight.keys().cloned().collect();
@@ -606,7 +622,7 @@ async fn drive(plan: Plan, ports: Arc<Mutex<Vec<u16>>>) -> (Outcome, Option<Clie
 async fn drive_all(
     plans: Vec<Plan>,
     ports: &Arc<Mutex<Vec<u16>>>,
-) -> Vec<(Outcome, Option<Client>)> {
+) -> Vec<(Outcome, Option<TestClient>)> {
     join_all(plans.into_iter().map(|p| {
         let ports = ports.clone();
         async move { drive(p, ports).await }
@@ -618,7 +634,7 @@ async fn drive_all(
 /// connections) every seq in `all`, at most `within` in all; returns the
 /// seqs still missing per client.
 async fn settle(
-    results: &mut [(Outcome, Option<Client>)],
+    results: &mut [(Outcome, Option<TestClient>)],
     room: &str,
     all: &BTreeSet<u64>,
     within: Duration,
@@ -636,10 +652,10 @@ async fn settle(
                     break;
                 }
                 match c.next_event(left).await {
-                    Event::Json(v) if v["op"] == "msg" && v["room"] == room => {
+                    WsEvent::Json(v) if v["op"] == "msg" && v["room"] == room => {
                         out.conns[last].push(v["seq"].as_u64().unwrap());
                     }
-                    Event::Json(_) | Event::Other(_) => {}
+                    WsEvent::Json(_) | WsEvent::Other(_) => {}
                     _ => break,
                 }
             }
@@ -690,7 +706,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn totals(results: &[(Outcome, Option<Client>)], sends: usize) -> Totals {
+fn totals(results: &[(Outcome, Option<TestClient>)], sends: usize) -> Totals {
     let mut t = Totals {
         sends,
         ..Totals::default()
@@ -717,7 +733,7 @@ fn totals(results: &[(Outcome, Option<Client>)], sends: usize) -> Totals {
 }
 
 /// Acks that arrived between `from` and `to`.
-fn acks_between(results: &[(Outcome, Option<Client>)], from: Instant, to: Instant) -> usize {
+fn acks_between(results: &[(Outcome, Option<TestClient>)], from: Instant, to: Instant) -> usize {
     results
         .iter()
         .flat_map(|(o, _)| &o.ack_times)
@@ -726,7 +742,10 @@ fn acks_between(results: &[(Outcome, Option<Client>)], from: Instant, to: Instan
 }
 
 /// The seqs of the acks that arrived before `at`, and of those after it.
-fn acked_seqs_around(results: &[(Outcome, Option<Client>)], at: Instant) -> (Vec<u64>, Vec<u64>) {
+fn acked_seqs_around(
+    results: &[(Outcome, Option<TestClient>)],
+    at: Instant,
+) -> (Vec<u64>, Vec<u64>) {
     let all = results.iter().flat_map(|(o, _)| &o.ack_times);
     let before = all
         .clone()
@@ -1028,8 +1047,8 @@ async fn mongo_stopped_30s_acks_continue_and_backlog_drains() {
 /// Sends probes from node 0 until one reaches a client on node 1; returns
 /// how long that took.
 async fn cross_node_delivery(
-    sender: &mut Client,
-    receiver: &mut Client,
+    sender: &mut TestClient,
+    receiver: &mut TestClient,
     room: &str,
     tag: &str,
     within: Duration,
@@ -1055,15 +1074,15 @@ async fn cross_node_delivery(
                 break;
             }
             match receiver.next_event(left).await {
-                Event::Json(v) if v["op"] == "msg" && v["cid"] == cid => {
+                WsEvent::Json(v) if v["op"] == "msg" && v["cid"] == cid => {
                     return Some(started.elapsed())
                 }
-                Event::Json(_) | Event::Other(_) | Event::Timeout => {}
+                WsEvent::Json(_) | WsEvent::Other(_) | WsEvent::Timeout => {}
                 _ => return None,
             }
         }
         // Drain the sender's answers.
-        while let Event::Json(_) = sender.next_event(Duration::from_millis(1)).await {}
+        while let WsEvent::Json(_) = sender.next_event(Duration::from_millis(1)).await {}
     }
     None
 }
@@ -1229,8 +1248,7 @@ async fn room_seq_lost_under_load_seeded_again_within_seconds() {
         p.within = Duration::from_secs(120);
     });
     let load = drive_all(plans, &ports);
-    let redis = redis::Client::open(f.opts.redis_url.as_str()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = f.opts.redis().await;
     let seq_key = keys::seq(&f.room);
     let fault = async {
         // Lost again every second: each time both nodes seed it.
@@ -1313,8 +1331,7 @@ async fn relay_down_past_the_hold_back_loses_no_seq() {
     // What the deliver script leaves of a message published as Redis
     // stops: the seq taken, the message cached and its cid marked as
     // published, and no publish that any node heard.
-    let redis = redis::Client::open(f.opts.redis_url.as_str()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = f.opts.redis().await;
     let cached: Vec<String> = redis::cmd("ZRANGEBYSCORE")
         .arg(keys::recent(&f.room))
         .arg(first)
@@ -1380,10 +1397,10 @@ async fn relay_down_past_the_hold_back_loses_no_seq() {
         while !seqs.contains(&later) {
             let left = deadline.saturating_duration_since(Instant::now());
             match r.next_event(left).await {
-                Event::Json(v) if v["op"] == "msg" && v["room"] == f.room.as_str() => {
+                WsEvent::Json(v) if v["op"] == "msg" && v["room"] == f.room.as_str() => {
                     seqs.push(v["seq"].as_u64().unwrap());
                 }
-                Event::Json(_) | Event::Other(_) => {}
+                WsEvent::Json(_) | WsEvent::Other(_) => {}
                 other => panic!("{who}: no `later` within 20 s ({other:?}), saw {seqs:?}"),
             }
         }
@@ -1405,7 +1422,7 @@ async fn relay_down_past_the_hold_back_loses_no_seq() {
 // ---------------------------------------------------------------- 4. persist
 
 /// Messages a node's persist workers stored since it started.
-async fn persisted_by(node: &Node) -> f64 {
+async fn persisted_by(node: &TestNode) -> f64 {
     node.metric("scalable_chat_persist_messages_total", &[])
         .await
         .unwrap_or(0.0)
@@ -1687,11 +1704,11 @@ fn silent_client(
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match c.next_event(left).await {
-                    Event::Json(_) | Event::Other(_) => {}
-                    Event::Closed(Some(f)) => return Ok(u16::from(f.code)),
-                    Event::Closed(None) => return Err("closed without a close frame".into()),
-                    Event::Error(e) => return Err(format!("closed by an error: {e}")),
-                    Event::Timeout => return Err("not closed within 20 s of the cut-off".into()),
+                    WsEvent::Json(_) | WsEvent::Other(_) => {}
+                    WsEvent::Closed(Some(f)) => return Ok(u16::from(f.code)),
+                    WsEvent::Closed(None) => return Err("closed without a close frame".into()),
+                    WsEvent::Error(e) => return Err(format!("closed by an error: {e}")),
+                    WsEvent::Timeout => return Err("not closed within 20 s of the cut-off".into()),
                 }
             }
         })
@@ -1945,5 +1962,1028 @@ async fn slow_reader_cut_off_memory_bounded_others_unaffected() {
     f.more_rooms = std::iter::once(warm.room)
         .chain(runs.into_iter().map(|r| r.room))
         .collect();
+    f.cleanup().await;
+}
+
+// ---------------------------------------------------------------- 8. cluster topology
+
+/// True on the cluster topology (`TOPOLOGY=cluster`); otherwise says why
+/// the scenario does not run there.
+fn on_cluster_topology(scenario: &str) -> bool {
+    if Topology::current() == Topology::Cluster {
+        return true;
+    }
+    eprintln!(
+        "FAULTS {scenario}: skipped: it needs the cluster topology of scripts/services \
+         (TOPOLOGY=cluster; `make faults-cluster`)"
+    );
+    false
+}
+
+/// One command to one node of the Redis Cluster, on a connection of its
+/// own that follows no redirection; bounded to 5 s.
+async fn redis_at<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Result<T, String> {
+    let work = async {
+        let client =
+            redis::Client::open(format!("redis://127.0.0.1:{port}")).map_err(|e| e.to_string())?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        cmd.query_async::<T>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 5 s".to_string()))
+        .map_err(|e| format!("127.0.0.1:{port}: {e}"))
+}
+
+/// One node of the Redis Cluster, as a line of `CLUSTER NODES` shows it.
+#[derive(Clone, Debug)]
+struct RedisNode {
+    id: String,
+    port: u16,
+    master: bool,
+    /// Flagged `fail` or `fail?`, or its link is down.
+    failing: bool,
+    /// A replica's master.
+    master_id: Option<String>,
+    /// The slot ranges it serves, inclusive.
+    slots: Vec<(u16, u16)>,
+    /// A slot of it is being imported or migrated (`[slot->-id]`).
+    moving: bool,
+}
+
+impl RedisNode {
+    fn serves(&self, slot: u16) -> bool {
+        self.master && !self.failing && self.slots.iter().any(|(a, b)| *a <= slot && slot <= *b)
+    }
+}
+
+/// Reads `CLUSTER NODES`: `id host:port@bus flags master ping pong epoch
+/// link slot...`.
+fn parse_cluster_nodes(text: &str) -> Vec<RedisNode> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            let addr = f[1].split(['@', ',']).next()?;
+            let port = addr.rsplit(':').next()?.parse().ok()?;
+            let slot = |s: &str| s.parse::<u16>().ok();
+            let slots = f[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((slot(a)?, slot(b)?)),
+                    None => slot(s).map(|n| (n, n)),
+                })
+                .collect();
+            Some(RedisNode {
+                id: f[0].to_string(),
+                port,
+                master: f[2].contains("master"),
+                failing: f[2].contains("fail") || f[7] != "connected",
+                master_id: (f[3] != "-").then(|| f[3].to_string()),
+                slots,
+                moving: f[8..].iter().any(|s| s.starts_with('[')),
+            })
+        })
+        .collect()
+}
+
+/// The cluster as node `port` sees it.
+async fn cluster_nodes_at(port: u16) -> Result<Vec<RedisNode>, String> {
+    let text: String = redis_at(port, redis::cmd("CLUSTER").arg("NODES")).await?;
+    Ok(parse_cluster_nodes(&text))
+}
+
+/// The cluster as the first node that answers (other than `not`) sees it.
+async fn cluster_view(not: Option<u16>) -> Vec<RedisNode> {
+    let mut errors = Vec::new();
+    for port in Services::local().redis_ports {
+        if Some(port) == not {
+            continue;
+        }
+        match cluster_nodes_at(port).await {
+            Ok(nodes) if !nodes.is_empty() => return nodes,
+            Ok(_) => errors.push(format!("{port}: no nodes")),
+            Err(e) => errors.push(e),
+        }
+    }
+    panic!("no Redis Cluster node answered CLUSTER NODES: {errors:?}");
+}
+
+/// The slot of a key.
+async fn key_slot(key: &str) -> u16 {
+    let port = Services::local().redis_ports[0];
+    redis_at(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+        .await
+        .unwrap()
+}
+
+/// Waits (at most `within`) until every node of the cluster answers, sees
+/// every slot served and no slot on the move, and every master has a
+/// replica; panics naming what is not so.
+async fn redis_cluster_whole(within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut problem = None;
+        for port in Services::local().redis_ports {
+            let info: Result<String, String> =
+                redis_at(port, redis::cmd("CLUSTER").arg("INFO")).await;
+            match info {
+                Ok(info) if info.contains("cluster_state:ok") => {}
+                Ok(info) => {
+                    problem = Some(format!("{port}: {}", info.lines().next().unwrap_or("")))
+                }
+                Err(e) => problem = Some(e),
+            }
+        }
+        if problem.is_none() {
+            let nodes = cluster_view(None).await;
+            let masters: Vec<&RedisNode> = nodes
+                .iter()
+                .filter(|n| n.master && !n.slots.is_empty())
+                .collect();
+            for m in &masters {
+                let replicas = nodes
+                    .iter()
+                    .filter(|n| n.master_id.as_deref() == Some(&m.id) && !n.failing)
+                    .count();
+                if replicas == 0 {
+                    problem = Some(format!("master {} has no replica", m.port));
+                }
+            }
+            if let Some(n) = nodes.iter().find(|n| n.moving) {
+                problem = Some(format!(
+                    "{} has a slot being imported or migrated (an earlier run stopped half-way? \
+                     `redis-cli --cluster fix 127.0.0.1:{}`)",
+                    n.port, n.port
+                ));
+            }
+        }
+        match problem {
+            None => return,
+            Some(p) if Instant::now() > deadline => {
+                panic!("the Redis Cluster is not whole within {within:?}: {p}")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Polls (every 100 ms, at most `within`) until every node but `not` says
+/// that node `owner` serves `slot`; returns when that was first true.
+async fn slot_served_by(
+    slot: u16,
+    owner: &str,
+    not: Option<u16>,
+    within: Duration,
+) -> Option<Instant> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let mut all = true;
+        for port in Services::local().redis_ports {
+            if Some(port) == not {
+                continue;
+            }
+            let agrees = cluster_nodes_at(port)
+                .await
+                .map(|nodes| nodes.iter().any(|n| n.id == owner && n.serves(slot)))
+                .unwrap_or(false);
+            all &= agrees;
+        }
+        if all {
+            return Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Moves `slot` from master `from` to master `to` by the manual sequence
+/// of the Redis Cluster documentation: IMPORTING on `to`, MIGRATING on
+/// `from`, its keys with MIGRATE in batches, then `SETSLOT NODE` on `to`,
+/// on `from` and on the other masters. Returns the number of keys moved.
+async fn migrate_slot(
+    slot: u16,
+    from: &RedisNode,
+    to: &RedisNode,
+    masters: &[u16],
+) -> Result<usize, String> {
+    let setslot = |state: &str, id: &str| {
+        let mut c = redis::cmd("CLUSTER");
+        c.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        c
+    };
+    redis_at::<()>(to.port, &setslot("IMPORTING", &from.id)).await?;
+    redis_at::<()>(from.port, &setslot("MIGRATING", &to.id)).await?;
+    let mut moved = 0;
+    for _ in 0..1000 {
+        let keys: Vec<String> = redis_at(
+            from.port,
+            redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100),
+        )
+        .await?;
+        if keys.is_empty() {
+            break;
+        }
+        let mut migrate = redis::cmd("MIGRATE");
+        migrate
+            .arg("127.0.0.1")
+            .arg(to.port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys);
+        redis_at::<()>(from.port, &migrate).await?;
+        moved += keys.len();
+    }
+    let others = masters
+        .iter()
+        .filter(|p| **p != to.port && **p != from.port);
+    for port in [to.port, from.port].iter().chain(others) {
+        redis_at::<()>(*port, &setslot("NODE", &to.id)).await?;
+    }
+    Ok(moved)
+}
+
+/// The partition of `topic` holding the most records (all of a room's are
+/// in one), its leader broker and its in-sync replicas.
+async fn busiest_partition(brokers: &str, topic: &str) -> (i32, i32, Vec<i32>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("Kafka client");
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .expect("Kafka metadata");
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .expect("the scenario's topic")
+            .partitions();
+        let mut busiest: Option<(i64, i32, i32, Vec<i32>)> = None;
+        for p in partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, p.id(), timeout)
+                .expect("Kafka watermarks");
+            if busiest.as_ref().is_none_or(|b| high > b.0) {
+                busiest = Some((high, p.id(), p.leader(), p.isr().to_vec()));
+            }
+        }
+        let (_, partition, leader, isr) = busiest.expect("the topic has partitions");
+        (partition, leader, isr)
+    })
+    .await
+    .unwrap()
+}
+
+/// From `at` to the first ack of an attempt sent at or after it: how soon
+/// sends were accepted again.
+fn first_ack_of_a_send_after(
+    results: &[(Outcome, Option<TestClient>)],
+    at: Instant,
+) -> Option<Duration> {
+    results
+        .iter()
+        .flat_map(|(o, _)| &o.ack_attempts)
+        .filter(|(sent, _)| *sent >= at)
+        .map(|(_, acked)| *acked - at)
+        .min()
+}
+
+/// Acked seqs whose stored document is another message.
+fn seq_conflicts(acked: &BTreeMap<String, (u64, String)>, s: &Stored) -> Vec<u64> {
+    acked
+        .values()
+        .filter(|(seq, id)| s.ids_by_seq.get(seq).is_some_and(|stored| stored != id))
+        .map(|(seq, _)| *seq)
+        .collect()
+}
+
+/// From the call until a message sent from `sender` (on node a) after it
+/// reaches `receiver` (on node b): a probe goes out every 200 ms, and the
+/// first of them to arrive counts, however long it took. Both clients are
+/// read as fast as frames come (they are in a busy room), so that what
+/// queued for them before the call does not count as delay.
+async fn cross_node_back(
+    sender: &mut TestClient,
+    receiver: &mut TestClient,
+    room: &str,
+    tag: &str,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let mut sent = BTreeSet::new();
+    let mut next = started;
+    while started.elapsed() < within {
+        if Instant::now() >= next {
+            let cid = format!("{tag}-probe-{}", sent.len() + 1);
+            let frame = json!({ "op": "send", "room": room, "text": "probe", "cid": cid });
+            let out = tokio::time::timeout(
+                Duration::from_secs(5),
+                sender.ws.send(Message::Text(frame.to_string())),
+            )
+            .await;
+            if !matches!(out, Ok(Ok(()))) {
+                return None;
+            }
+            sent.insert(cid);
+            next = Instant::now() + Duration::from_millis(200);
+        }
+        // Everything the receiver has, then everything the sender has; the
+        // first read of a round waits until the next probe is due.
+        let mut wait = next
+            .saturating_duration_since(Instant::now())
+            .min(within.saturating_sub(started.elapsed()))
+            .max(Duration::from_millis(1));
+        while started.elapsed() < within {
+            match receiver.next_event(wait).await {
+                WsEvent::Json(v)
+                    if v["op"] == "msg" && v["cid"].as_str().is_some_and(|c| sent.contains(c)) =>
+                {
+                    return Some(started.elapsed())
+                }
+                WsEvent::Json(_) | WsEvent::Other(_) => {}
+                WsEvent::Timeout => break,
+                _ => return None,
+            }
+            wait = Duration::from_millis(1);
+        }
+        for _ in 0..10_000 {
+            if !matches!(
+                sender.next_event(Duration::from_millis(1)).await,
+                WsEvent::Json(_) | WsEvent::Other(_)
+            ) {
+                break;
+            }
+        }
+    }
+    None
+}
+
+/// Two probe clients of a room: one on node a (it sends), one on node b.
+async fn probes(f: &Faulty) -> (TestClient, TestClient) {
+    let (ptoken, _) = f.nodes[0].guest("probe-a").await;
+    let (qtoken, _) = f.nodes[1].guest("probe-b").await;
+    let mut pa = try_connect(f.nodes[0].port, &ptoken).await.unwrap();
+    let mut pb = try_connect(f.nodes[1].port, &qtoken).await.unwrap();
+    try_join(&mut pa, &f.room, 0).await.unwrap();
+    try_join(&mut pb, &f.room, 0).await.unwrap();
+    // The room's first message, before the load: it seeds the room (and
+    // puts a record in its Kafka partition).
+    pa.send_acked(&f.room, "first", "first").await;
+    (pa, pb)
+}
+
+/// What every cluster scenario checks at the end, besides `assert_clean`:
+/// every cid acked, each send answered, no acked seq that names another
+/// stored message, no client missing an acked message (live or by `join
+/// since`), and a fresh `join since 0` with every acked seq, in order.
+struct ClusterEnd {
+    /// For each acked message MongoDB lacks: what was acked and what is
+    /// stored under that id and at that seq.
+    lost: Vec<String>,
+    missing: BTreeMap<String, Vec<u64>>,
+    holes: Vec<u64>,
+    history: Vec<u64>,
+    conflicts: Vec<u64>,
+}
+
+async fn cluster_end(
+    f: &Faulty,
+    results: &mut [(Outcome, Option<TestClient>)],
+    t: &Totals,
+    s_within: Duration,
+) -> (Stored, ClusterEnd) {
+    let all: BTreeSet<u64> = t.acked_map.values().map(|(s, _)| *s).collect();
+    let missing = settle(results, &f.room, &all, Duration::from_secs(20)).await;
+    let s = check_stored(&f.opts, &f.room, &t.acked_map, s_within).await;
+    let (token, _) = f.nodes[1].guest("history").await;
+    let history = history_seqs(f.nodes[1].port, &token, &f.room).await;
+    let hset: BTreeSet<u64> = history.iter().copied().collect();
+    let holes = all.difference(&hset).copied().collect();
+    let conflicts = seq_conflicts(&t.acked_map, &s);
+    let lost = s
+        .lost
+        .iter()
+        .map(|cid| {
+            let (seq, id) = &t.acked_map[cid];
+            let stored_as = s.ids_by_seq.iter().find(|(_, i)| *i == id).map(|(q, _)| *q);
+            format!(
+                "{cid}: acked seq {seq} id {id}; stored under seq {stored_as:?}; seq {seq} holds {:?}",
+                s.ids_by_seq.get(seq)
+            )
+        })
+        .collect();
+    (
+        s,
+        ClusterEnd {
+            lost,
+            missing,
+            holes,
+            history,
+            conflicts,
+        },
+    )
+}
+
+impl ClusterEnd {
+    fn summary(&self) -> String {
+        format!(
+            "history {} holes {:?} seq-conflicts {:?} live-missing {}{}",
+            self.history.len(),
+            self.holes,
+            self.conflicts,
+            self.missing.values().map(Vec::len).sum::<usize>(),
+            if self.lost.is_empty() {
+                String::new()
+            } else {
+                format!(" lost: {:?}", self.lost)
+            }
+        )
+    }
+
+    fn assert(&self, scenario: &str, t: &Totals) {
+        assert_eq!(
+            t.gave_up, 0,
+            "{scenario}: sends with neither ack nor unavailable"
+        );
+        assert_eq!(
+            t.acked, t.sends,
+            "{scenario}: every cid acked after retries"
+        );
+        assert!(
+            self.conflicts.is_empty(),
+            "{scenario}: acked seqs stored as another message: {:?}",
+            self.conflicts
+        );
+        assert!(
+            self.holes.is_empty(),
+            "{scenario}: history lacks acked seqs: {:?}",
+            self.holes
+        );
+        assert_strictly_increasing(&self.history, "history");
+        assert!(
+            self.missing.is_empty(),
+            "{scenario}: clients missing acked messages (not delivered live, not backfilled): {:?}",
+            self.missing
+        );
+    }
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("never".to_string(), |d| format!("{:.2}s", d.as_secs_f64()))
+}
+
+/// 8a. Cluster topology: the Kafka broker leading the room's partition is
+/// killed with SIGKILL under load. Every send is answered (`ack` or
+/// `unavailable`) within 15 s, sends are acked again within 30 s (a new
+/// leader from the in-sync replicas), the broker is started again (its
+/// start returns once it is back in sync), and MongoDB holds every acked
+/// message once.
+#[tokio::test]
+#[ignore = "kills a Kafka broker of the cluster topology: make faults-cluster"]
+async fn cluster_kafka_partition_leader_killed_under_load() {
+    const CLIENTS: usize = 10;
+    const PER_CLIENT: usize = 200;
+    let scenario = "8a cluster-kafka-leader-killed";
+    if !on_cluster_topology(scenario) {
+        return;
+    }
+    services_up().await;
+    let f = Faulty::start(
+        "c-kafka-leader",
+        &[&["persist", "sweep"], &["persist", "sweep"]],
+        &[],
+    )
+    .await;
+    let tokens = f.tokens(CLIENTS, "k").await;
+    let (mut pa, mut pb) = probes(&f).await;
+    let (partition, leader, isr) = busiest_partition(&f.opts.kafka_brokers, &f.opts.topic).await;
+    // scripts/services gives kafka-N the Kafka node.id N.
+    assert!(
+        (1..=3).contains(&leader),
+        "partition {partition} has no leader among the brokers 1 to 3: {leader}"
+    );
+    let victim = format!("kafka-{leader}");
+    let ports = Arc::new(Mutex::new(f.ports()));
+    // 10 messages a second per client, for 20 s and what the outage adds.
+    let plans = plans(&f.room, &tokens, PER_CLIENT, |p| {
+        p.pace = Duration::from_millis(100);
+        p.retry_after = Some(Duration::from_secs(1));
+    });
+    let load = drive_all(plans, &ports);
+    let fault = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        services(&["kill", &victim]).await;
+        let killed = Instant::now();
+        let back =
+            cross_node_back(&mut pa, &mut pb, &f.room, "kafka", Duration::from_secs(40)).await;
+        let start = services(&["start", &victim]).await;
+        (killed, back, start)
+    };
+    let began = Instant::now();
+    let (mut results, (killed, back, start)) = tokio::join!(load, fault);
+    let run = began.elapsed();
+    let accepted_again = first_ack_of_a_send_after(&results, killed);
+    let (_, leader_after, isr_after) =
+        busiest_partition(&f.opts.kafka_brokers, &f.opts.topic).await;
+    let t = totals(&results, CLIENTS * PER_CLIENT);
+    let (s, end) = cluster_end(&f, &mut results, &t, Duration::from_secs(90)).await;
+    assert_clean(
+        scenario,
+        &t,
+        &s,
+        &format!(
+            "partition {partition} leader {leader} (isr {isr:?}) killed; kill->first-ack-of-a-new-send {} \
+             kill->cross-node-delivery {} start-until-in-sync {:.1}s leader-after {leader_after} \
+             (isr {isr_after:?}) run {:.1}s {}",
+            secs(accepted_again),
+            secs(back),
+            start.as_secs_f64(),
+            run.as_secs_f64(),
+            end.summary()
+        ),
+    );
+    end.assert(scenario, &t);
+    assert!(
+        t.slowest_answer <= Duration::from_secs(15),
+        "a send waited {:?} for its answer",
+        t.slowest_answer
+    );
+    let accepted_again = accepted_again.expect("no send was acked after the kill");
+    assert!(
+        accepted_again <= Duration::from_secs(30),
+        "sends acked again only {accepted_again:?} after the kill"
+    );
+    assert!(
+        back.is_some(),
+        "cross-node delivery did not come back within 40 s"
+    );
+    pa.close().await;
+    pb.close().await;
+    f.cleanup().await;
+}
+
+/// 8b. Cluster topology: the Redis master owning the room's slot is killed
+/// with SIGKILL under load, and its replica takes over. A `seq` never names
+/// two messages (each acked seq and id is what MongoDB holds; no two
+/// documents share a seq), cross-node delivery is back within 10 s of the
+/// kill, retries of earlier cids make no second message, and the old
+/// master, started again, rejoins as a replica.
+#[tokio::test]
+#[ignore = "kills a Redis master of the cluster topology: make faults-cluster"]
+async fn cluster_redis_master_killed_replica_takes_over() {
+    const CLIENTS: usize = 10;
+    const PER_CLIENT: usize = 200;
+    let scenario = "8b cluster-redis-master-killed";
+    if !on_cluster_topology(scenario) {
+        return;
+    }
+    services_up().await;
+    redis_cluster_whole(Duration::from_secs(30)).await;
+    let f = Faulty::start(
+        "c-redis-master",
+        &[&["persist", "sweep"], &["persist", "sweep"]],
+        &[],
+    )
+    .await;
+    let tokens = f.tokens(CLIENTS, "r").await;
+    let (mut pa, mut pb) = probes(&f).await;
+    let slot = key_slot(&keys::seq(&f.room)).await;
+    let view = cluster_view(None).await;
+    let master = view
+        .iter()
+        .find(|n| n.serves(slot))
+        .unwrap_or_else(|| panic!("no master serves slot {slot}: {view:?}"))
+        .clone();
+    let victim = format!("redis-{}", master.port);
+    let ports = Arc::new(Mutex::new(f.ports()));
+    let plans = plans(&f.room, &tokens, PER_CLIENT, |p| {
+        p.pace = Duration::from_millis(50);
+        p.retry_after = Some(Duration::from_millis(500));
+    });
+    let load = drive_all(plans, &ports);
+    let fault = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        services(&["kill", &victim]).await;
+        let killed = Instant::now();
+        // Who serves the slot now, and when every other node says so.
+        let promoted = async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                let view = cluster_view(Some(master.port)).await;
+                if let Some(n) = view
+                    .iter()
+                    .find(|n| n.serves(slot) && n.port != master.port)
+                {
+                    let id = n.id.clone();
+                    let port = n.port;
+                    let all =
+                        slot_served_by(slot, &id, Some(master.port), Duration::from_secs(30)).await;
+                    return Some((port, id, all));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            None
+        };
+        let delivery = cross_node_back(&mut pa, &mut pb, &f.room, "redis", Duration::from_secs(30));
+        let (promoted, back) = tokio::join!(promoted, delivery);
+        let start = services(&["start", &victim]).await;
+        (killed, promoted, back, start)
+    };
+    let began = Instant::now();
+    let (mut results, (killed, promoted, back, start)) = tokio::join!(load, fault);
+    let run = began.elapsed();
+    let accepted_again = first_ack_of_a_send_after(&results, killed);
+    let (new_port, new_id, agreed) = promoted.expect("no replica took the slot over within 30 s");
+    // The old master comes back as a replica of the new one.
+    let mut rejoined = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rejoined.is_none() && Instant::now() < deadline {
+        rejoined = cluster_nodes_at(master.port).await.ok().and_then(|nodes| {
+            nodes
+                .into_iter()
+                .find(|n| n.port == master.port)
+                .and_then(|n| n.master_id)
+        });
+        if rejoined.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let t = totals(&results, CLIENTS * PER_CLIENT);
+    let (s, end) = cluster_end(&f, &mut results, &t, Duration::from_secs(60)).await;
+    assert_clean(
+        scenario,
+        &t,
+        &s,
+        &format!(
+            "slot {slot} master {} killed, replica {new_port} took over; \
+             kill->all-nodes-agree {} kill->first-ack-of-a-new-send {} kill->cross-node-delivery {} \
+             start {:.1}s rejoined-as-replica-of {} run {:.1}s {}",
+            master.port,
+            secs(agreed.map(|a| a - killed)),
+            secs(accepted_again),
+            secs(back),
+            start.as_secs_f64(),
+            rejoined
+                .as_deref()
+                .map_or("nothing".to_string(), |id| if id == new_id { new_port.to_string() } else { id.to_string() }),
+            run.as_secs_f64(),
+            end.summary()
+        ),
+    );
+    end.assert(scenario, &t);
+    let back = back.expect("cross-node delivery did not come back within 30 s");
+    assert!(
+        back <= Duration::from_secs(10),
+        "cross-node delivery came back only {back:?} after the kill"
+    );
+    assert_eq!(
+        rejoined.as_deref(),
+        Some(new_id.as_str()),
+        "the old master did not rejoin as a replica of the new one"
+    );
+    pa.close().await;
+    pb.close().await;
+    f.cleanup().await;
+}
+
+/// 8c. Cluster topology: the slot of a busy room is migrated to another
+/// master under load (the manual sequence: IMPORTING, MIGRATING, MIGRATE,
+/// SETSLOT NODE). No message lost or duplicated, delivery across nodes goes
+/// on, every client has every acked message. The slot is moved back
+/// afterwards (pass or fail), so that the cluster is left as it was.
+#[tokio::test]
+#[ignore = "migrates a slot of the cluster topology: make faults-cluster"]
+async fn cluster_busy_room_slot_migrated_under_load() {
+    const CLIENTS: usize = 10;
+    const PER_CLIENT: usize = 200;
+    let scenario = "8c cluster-slot-migrated";
+    if !on_cluster_topology(scenario) {
+        return;
+    }
+    services_up().await;
+    redis_cluster_whole(Duration::from_secs(30)).await;
+    let f = Faulty::start(
+        "c-slot-move",
+        &[&["persist", "sweep"], &["persist", "sweep"]],
+        &[],
+    )
+    .await;
+    let tokens = f.tokens(CLIENTS, "m").await;
+    let (mut pa, mut pb) = probes(&f).await;
+    let slot = key_slot(&keys::seq(&f.room)).await;
+    let view = cluster_view(None).await;
+    let from = view
+        .iter()
+        .find(|n| n.serves(slot))
+        .unwrap_or_else(|| panic!("no master serves slot {slot}: {view:?}"))
+        .clone();
+    let to = view
+        .iter()
+        .find(|n| n.master && !n.failing && !n.slots.is_empty() && n.id != from.id)
+        .expect("a second master")
+        .clone();
+    let masters: Vec<u16> = view
+        .iter()
+        .filter(|n| n.master && !n.failing)
+        .map(|n| n.port)
+        .collect();
+    let ports = Arc::new(Mutex::new(f.ports()));
+    let plans = plans(&f.room, &tokens, PER_CLIENT, |p| {
+        p.pace = Duration::from_millis(50);
+        p.retry_after = Some(Duration::from_millis(500));
+    });
+    let load = drive_all(plans, &ports);
+    let fault = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let began = Instant::now();
+        let moved = migrate_slot(slot, &from, &to, &masters).await;
+        let done = Instant::now();
+        let agreed = slot_served_by(slot, &to.id, None, Duration::from_secs(10)).await;
+        let probing = Instant::now();
+        let back =
+            cross_node_back(&mut pa, &mut pb, &f.room, "slot", Duration::from_secs(30)).await;
+        (
+            began,
+            done,
+            moved,
+            agreed,
+            back.map(|b| (probing - done) + b),
+        )
+    };
+    let started = Instant::now();
+    let (mut results, (began, done, moved, agreed, back)) = tokio::join!(load, fault);
+    let run = started.elapsed();
+    let during = acks_between(&results, began, done);
+    let accepted_again = first_ack_of_a_send_after(&results, done);
+    let t = totals(&results, CLIENTS * PER_CLIENT);
+    let (s, end) = cluster_end(&f, &mut results, &t, Duration::from_secs(60)).await;
+    let keys_moved = moved.clone().unwrap_or(0);
+    // Leave the cluster as it was, pass or fail: the slot goes back (with
+    // the room's keys; the load is over).
+    let moved_back = match &moved {
+        Ok(_) => migrate_slot(slot, &to, &from, &masters).await,
+        Err(_) => Ok(0),
+    };
+    assert_clean(
+        scenario,
+        &t,
+        &s,
+        &format!(
+            "slot {slot} {} -> {} ({keys_moved} keys) in {:.3}s, acks-during-migration {during}; \
+             migrated->all-nodes-agree {} migrated->first-ack-of-a-new-send {} \
+             migrated->cross-node-delivery {} run {:.1}s {}",
+            from.port,
+            to.port,
+            (done - began).as_secs_f64(),
+            secs(agreed.map(|a| a - done)),
+            secs(accepted_again),
+            secs(back),
+            run.as_secs_f64(),
+            end.summary()
+        ),
+    );
+    moved.expect("the migration failed");
+    moved_back.expect("moving the slot back failed");
+    end.assert(scenario, &t);
+    assert!(
+        agreed.is_some(),
+        "not every node saw the slot on its new master within 10 s"
+    );
+    let back = back.expect("cross-node delivery did not come back within 30 s");
+    assert!(
+        back <= Duration::from_secs(10),
+        "cross-node delivery came back only {back:?} after the migration"
+    );
+    slot_served_by(slot, &from.id, None, Duration::from_secs(10))
+        .await
+        .expect("slot back on its first master");
+    pa.close().await;
+    pb.close().await;
+    f.cleanup().await;
+}
+
+/// 8e. Cluster topology: the master of a busy room's shard stops answering
+/// for 3.5 s, twice (`CLIENT PAUSE ... ALL`), longer than the node's Redis
+/// timeouts. The scripts sent meanwhile run when it answers again, after
+/// the node gave up waiting for them; a publish among them that came late
+/// went out under a new seq. Every acked seq must still be the message's
+/// durable seq: MongoDB holds each acked (seq, id), and `join since 0`
+/// every acked seq.
+#[tokio::test]
+#[ignore = "pauses a Redis master of the cluster topology: make faults-cluster"]
+async fn cluster_redis_master_paused_every_acked_seq_is_durable() {
+    const CLIENTS: usize = 10;
+    const PER_CLIENT: usize = 150;
+    const PAUSE_MS: u64 = 3500;
+    let scenario = "8e cluster-redis-master-paused";
+    if !on_cluster_topology(scenario) {
+        return;
+    }
+    services_up().await;
+    redis_cluster_whole(Duration::from_secs(30)).await;
+    let f = Faulty::start(
+        "c-redis-pause",
+        &[&["persist", "sweep"], &["persist", "sweep"]],
+        &[],
+    )
+    .await;
+    let tokens = f.tokens(CLIENTS, "p").await;
+    let (pa, pb) = probes(&f).await;
+    let slot = key_slot(&keys::seq(&f.room)).await;
+    let view = cluster_view(None).await;
+    let master = view
+        .iter()
+        .find(|n| n.serves(slot))
+        .unwrap_or_else(|| panic!("no master serves slot {slot}: {view:?}"))
+        .clone();
+    let ports = Arc::new(Mutex::new(f.ports()));
+    // 50 messages a second per client: many scripts in flight at each pause.
+    let plans = plans(&f.room, &tokens, PER_CLIENT, |p| {
+        p.pace = Duration::from_millis(20);
+        p.retry_after = Some(Duration::from_millis(500));
+    });
+    let load = drive_all(plans, &ports);
+    let fault = async {
+        let mut paused = Vec::new();
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pause = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(PAUSE_MS)
+                .arg("ALL")
+                .clone();
+            redis_at::<()>(master.port, &pause).await.unwrap();
+            paused.push(Instant::now());
+            tokio::time::sleep(Duration::from_millis(PAUSE_MS)).await;
+        }
+        paused
+    };
+    let began = Instant::now();
+    let (mut results, paused) = tokio::join!(load, fault);
+    let run = began.elapsed();
+    let during: usize = paused
+        .iter()
+        .map(|at| acks_between(&results, *at, *at + Duration::from_millis(PAUSE_MS)))
+        .sum();
+    let t = totals(&results, CLIENTS * PER_CLIENT);
+    let (s, end) = cluster_end(&f, &mut results, &t, Duration::from_secs(60)).await;
+    assert_clean(
+        scenario,
+        &t,
+        &s,
+        &format!(
+            "master {} of slot {slot} paused {}x{PAUSE_MS}ms, acks-while-paused {during} run {:.1}s {}",
+            master.port,
+            paused.len(),
+            run.as_secs_f64(),
+            end.summary()
+        ),
+    );
+    end.assert(scenario, &t);
+    pa.close().await;
+    pb.close().await;
+    f.cleanup().await;
+}
+
+/// Starts the binary with `config` and waits (at most `within`) for it to
+/// exit; returns its status and what it wrote.
+async fn run_until_exit(config: String, within: Duration) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.path().join("output.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = base_command()
+        .arg("--config")
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the node still ran after {within:?}; its output:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// 8d. A second node with the `node.id` of a live node exits with status 1
+/// and an error naming `node.id` and the id, while the first goes on
+/// serving; and a node killed with SIGKILL starts again with its id (after
+/// watching its stale heartbeat stand still). Needs no load and stops no
+/// service, so it runs in the normal `cargo test`, on either topology.
+#[tokio::test]
+async fn cluster_node_id_in_use_refused_killed_node_restarts_with_it() {
+    let scenario = "8d cluster-node-id-in-use";
+    let mut f = Faulty::start("c-node-id", &[&["persist", "sweep"]], &[]).await;
+    let id = f.nodes[0].opts.node_id.clone();
+    let conn = f.opts.redis().await;
+    let heartbeat = |mut conn: scalable_chat::store::redis::RedisConn, id: String| async move {
+        redis::cmd("ZSCORE")
+            .arg(keys::NODES)
+            .arg(id)
+            .query_async::<Option<i64>>(&mut conn)
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while heartbeat(conn.clone(), id.clone()).await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat of {id} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A second node with the same id.
+    let second = NodeOpts {
+        node_id: id.clone(),
+        cluster: Some(f.opts.clone()),
+        ..NodeOpts::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = second.to_toml(&dir.path().join("data"), free_port());
+    let began = Instant::now();
+    let (status, output) = run_until_exit(config, Duration::from_secs(30)).await;
+    let refused_in = began.elapsed();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit status {status}; output:\n{output}"
+    );
+    let error = output
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line; output:\n{output}"));
+    assert!(
+        error.contains("node.id") && error.contains(&format!("`{id}`")),
+        "the error names neither node.id nor {id}: {error}"
+    );
+    let (code, _) = f.nodes[0].get_json("/healthz").await;
+    assert_eq!(code, 200, "the first node stopped serving");
+
+    // The node killed, then started again with its id.
+    let before_kill = heartbeat(conn.clone(), id.clone()).await;
+    f.nodes[0].kill9();
+    let killed = Instant::now();
+    f.nodes[0].restart().await;
+    let restarted_in = killed.elapsed();
+    let log = f.nodes[0].log_tail();
+    assert!(
+        log.contains("checking that no other node uses it"),
+        "the restarted node did not check its stale heartbeat; log:\n{log}"
+    );
+    let (token, _) = f.nodes[0].guest("after").await;
+    let mut c = f.nodes[0].connect(&token).await;
+    assert_eq!(c.welcome["node"], id.as_str(), "{}", c.welcome);
+    try_join(&mut c, &f.room, 0).await.unwrap();
+    c.send_acked(&f.room, "after the restart", "after").await;
+    c.close().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut live = false;
+    while !live && Instant::now() < deadline {
+        live = heartbeat(conn.clone(), id.clone()).await > before_kill;
+        if !live {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!(
+        "FAULTS {scenario}: ({:?}) second node with id {id} exited {status} after {:.1}s: {error}; \
+         killed node restarted with its id in {:.1}s (answering /healthz); heartbeat moving again {live}",
+        Topology::current(),
+        refused_in.as_secs_f64(),
+        restarted_in.as_secs_f64(),
+    );
+    assert!(live, "the restarted node's heartbeat did not move on");
     f.cleanup().await;
 }

@@ -31,7 +31,7 @@ async fn assert_http_error(resp: reqwest::Response, status: u16, code: &str, wha
 
 /// Sends a frame that must be refused and returns the `error` about it
 /// (frames about other messages may come first, but no `ack` for it).
-async fn refused(c: &mut Client, frame: Value, reference: &str) -> Value {
+async fn refused(c: &mut TestClient, frame: Value, reference: &str) -> Value {
     c.send_json(&frame).await;
     let (e, _) = c
         .recv_until_pred(|v| {
@@ -46,7 +46,7 @@ async fn refused(c: &mut Client, frame: Value, reference: &str) -> Value {
 }
 
 /// Opens a WebSocket to `node` from the local address `source` (any port).
-async fn connect_from(node: &Node, source: &str, token: &str) -> Client {
+async fn connect_from(node: &TestNode, source: &str, token: &str) -> TestClient {
     let socket = TcpSocket::new_v4().unwrap();
     socket
         .bind(format!("{source}:0").parse::<SocketAddr>().unwrap())
@@ -64,12 +64,12 @@ async fn connect_from(node: &Node, source: &str, token: &str) -> Client {
     .expect("upgrade timed out")
     .unwrap_or_else(|e| panic!("upgrade from {source} refused: {e}"));
     assert_eq!(resp.status().as_u16(), 101);
-    Client::welcomed(ws, RECV_TIMEOUT)
+    TestClient::welcomed(ws, RECV_TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("no welcome frame: {e:?}"))
 }
 
-async fn post(node: &Node, token: &str, room: &str, body: &Value) -> reqwest::Response {
+async fn post(node: &TestNode, token: &str, room: &str, body: &Value) -> reqwest::Response {
     node.http()
         .post(node.url(&format!("/api/v1/rooms/{room}/messages")))
         .header("Authorization", format!("Bearer {token}"))
@@ -83,7 +83,7 @@ async fn post(node: &Node, token: &str, room: &str, body: &Value) -> reqwest::Re
 
 #[tokio::test]
 async fn connections_per_address_are_capped_with_429() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         max_connections_per_address: 3,
         ..NodeOpts::default()
     })
@@ -131,7 +131,7 @@ async fn connections_per_address_are_capped_with_429() {
 
 #[tokio::test]
 async fn user_rate_limit_spans_connections_and_rest() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         user_rate_per_sec: 0.01,
         user_rate_burst: 4,
         ..NodeOpts::default()
@@ -190,7 +190,7 @@ async fn user_rate_limit_spans_connections_and_rest() {
 
 #[tokio::test]
 async fn rest_posts_are_rate_limited_per_user_with_429() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         user_rate_per_sec: 0.01,
         user_rate_burst: 3,
         ..NodeOpts::default()
@@ -222,7 +222,7 @@ async fn rest_posts_are_rate_limited_per_user_with_429() {
 
 #[tokio::test]
 async fn tokens_and_the_secret_never_reach_the_log() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         // Everything the node and its libraries log, debug and trace included.
         env: vec![("RUST_LOG".into(), "trace".into())],
         ..NodeOpts::default()
@@ -333,7 +333,7 @@ fn fragmented_2mib() -> Vec<Message> {
 }
 
 /// Writes the frames while reading; returns the close code the node sent.
-async fn send_fragments(client: Client, frames: Vec<Message>) -> Option<u16> {
+async fn send_fragments(client: TestClient, frames: Vec<Message>) -> Option<u16> {
     let (mut sink, mut stream) = client.ws.split();
     let reader = tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -358,7 +358,7 @@ async fn send_fragments(client: Client, frames: Vec<Message>) -> Option<u16> {
 
 #[tokio::test]
 async fn fragmented_2_mib_messages_are_refused_with_1009_in_bounded_memory() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let pid = node.pid();
     let (token, _) = node.guest("ann").await;
     let (mut b, _, _) = node.user("bob").await;
@@ -413,7 +413,7 @@ async fn fragmented_2_mib_messages_are_refused_with_1009_in_bounded_memory() {
 
 #[tokio::test]
 async fn control_characters_are_refused_in_cids_and_over_rest() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, token) = node.user("ann").await;
     a.join("lobby").await;
     // Over WebSocket, in a cid (the text cases are in tests/protocol.rs):
@@ -462,7 +462,7 @@ async fn control_characters_are_refused_in_cids_and_over_rest() {
 
 #[tokio::test]
 async fn room_names_that_could_shape_a_key_or_a_query_are_refused() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, token) = node.user("ann").await;
     // Redis key syntax (hash tags, separators, globs), MongoDB operators,
     // paths, case, spaces, and too long.

@@ -24,7 +24,7 @@ struct Outcome {
 
 /// Writes `frames` while reading concurrently (so the close frame is read
 /// as soon as it arrives), and returns how the connection ended.
-async fn send_and_watch(client: Client, frames: Vec<Message>) -> Outcome {
+async fn send_and_watch(client: TestClient, frames: Vec<Message>) -> Outcome {
     let (mut sink, mut stream) = client.ws.split();
     let reader = tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -104,7 +104,7 @@ fn assert_closed_1009(o: &Outcome, what: &str) {
 }
 
 /// The other client is still served: ping works, and it sends and receives.
-async fn assert_still_served(node: &Node, b: &mut Client, room: &str, tag: &str) {
+async fn assert_still_served(node: &TestNode, b: &mut TestClient, room: &str, tag: &str) {
     b.ping(42).await;
     let (mut c, _, _) = node.user(&format!("late{tag}")).await;
     c.join(room).await;
@@ -121,7 +121,7 @@ async fn assert_still_served(node: &Node, b: &mut Client, room: &str, tag: &str)
 
 #[tokio::test]
 async fn oversize_frame_is_refused_with_1009_and_others_keep_going() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     let (mut b, _, _) = node.user("bob").await;
     a.join("lobby").await;
@@ -158,7 +158,7 @@ async fn oversize_frame_is_refused_with_1009_and_others_keep_going() {
 
 #[tokio::test]
 async fn oversize_message_in_continuation_frames_is_refused_with_1009() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     let (mut b, _, _) = node.user("bob").await;
     a.join("lobby").await;
@@ -194,7 +194,7 @@ async fn oversize_message_in_continuation_frames_is_refused_with_1009() {
 
 #[tokio::test]
 async fn websocket_refuses_missing_bad_and_forged_tokens_with_401() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (token, _) = node.guest("ann").await;
     assert_eq!(node.try_upgrade(&node.ws_url(&token), None).await, 101);
 
@@ -231,7 +231,7 @@ async fn websocket_refuses_missing_bad_and_forged_tokens_with_401() {
     );
 
     // Signed with another secret.
-    let other = Node::start(NodeOpts {
+    let other = TestNode::start(NodeOpts {
         node_id: "test-other".into(),
         secret: "a-completely-different-secret-of-40-bytes!".into(),
         ..NodeOpts::default()
@@ -253,7 +253,7 @@ async fn websocket_refuses_missing_bad_and_forged_tokens_with_401() {
     assert_eq!(resp.status(), 401);
 
     // Another node with the same secret accepts this node's token.
-    let sibling = Node::start(NodeOpts {
+    let sibling = TestNode::start(NodeOpts {
         node_id: "test-2".into(),
         ..NodeOpts::default()
     })
@@ -266,7 +266,7 @@ async fn websocket_refuses_missing_bad_and_forged_tokens_with_401() {
 
 #[tokio::test]
 async fn expired_token_is_refused_with_401() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         token_ttl_secs: 1,
         ..NodeOpts::default()
     })
@@ -298,7 +298,7 @@ async fn expired_token_is_refused_with_401() {
 
 #[tokio::test]
 async fn origin_outside_the_allow_list_is_refused_with_403() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (token, _) = node.guest("ann").await;
     let url = node.ws_url(&token);
     assert_eq!(node.try_upgrade(&url, None).await, 101, "no Origin");
@@ -329,7 +329,7 @@ async fn origin_outside_the_allow_list_is_refused_with_403() {
 
 #[tokio::test]
 async fn silent_client_is_closed_and_live_ones_are_kept() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         heartbeat_interval_secs: 1,
         client_timeout_secs: 3,
         ..NodeOpts::default()
@@ -357,7 +357,7 @@ async fn silent_client_is_closed_and_live_ones_are_kept() {
             next_talk += Duration::from_secs(1);
         }
         match reader.next_event(Duration::from_millis(200)).await {
-            Event::Timeout => {}
+            WsEvent::Timeout => {}
             other => panic!("reading client got {other:?}"),
         }
         if silent_gone_after.is_none()
@@ -383,7 +383,7 @@ async fn silent_client_is_closed_and_live_ones_are_kept() {
 
     // The silent one finds its connection ended.
     match silent.next_event(Duration::from_secs(5)).await {
-        Event::Closed(_) | Event::Error(_) => {}
+        WsEvent::Closed(_) | WsEvent::Error(_) => {}
         other => panic!("silent client after the timeout: {other:?}"),
     }
     // The others are fine.
@@ -397,7 +397,7 @@ async fn silent_client_is_closed_and_live_ones_are_kept() {
 /// Sends 3.9 kB messages into `room` from `fast`, 50 at a time, keeping up
 /// with its own echoes, until the node counts one connection left (the
 /// other member was cut off); fails after `max` messages.
-async fn flood_until_cut_off(node: &Node, fast: &mut Client, room: &str, max: usize) {
+async fn flood_until_cut_off(node: &TestNode, fast: &mut TestClient, room: &str, max: usize) {
     let text = "z".repeat(3900);
     let mut sent = 0;
     while node.metric("scalable_chat_connections", &[]).await != Some(1.0) {
@@ -421,7 +421,7 @@ async fn flood_until_cut_off(node: &Node, fast: &mut Client, room: &str, max: us
 
 #[tokio::test]
 async fn slow_reader_is_closed_with_1008_and_the_room_goes_on() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         outbound_soft_bytes: 65_536,
         outbound_hard_bytes: 262_144,
         ..NodeOpts::default()
@@ -481,7 +481,7 @@ fn server_side_state(node_port: u16, client: u16) -> Option<String> {
 #[tokio::test]
 async fn client_that_never_reads_is_dropped_by_the_node() {
     const ESTABLISHED: &str = "01";
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         outbound_soft_bytes: 65_536,
         outbound_hard_bytes: 262_144,
         ..NodeOpts::default()
@@ -585,7 +585,7 @@ async fn half_configured_cluster_stops_start_up() {
 
 #[tokio::test]
 async fn environment_overrides_config_keys() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         env: vec![
             ("SCALABLE_CHAT__LIMITS__MAX_TEXT_CHARS".into(), "10".into()),
             ("SCALABLE_CHAT__NODE__ID".into(), "env-node".into()),

@@ -41,7 +41,7 @@ async fn assert_http_error(resp: reqwest::Response, status: u16, code: &str, wha
 
 #[tokio::test]
 async fn guest_token_accepts_valid_names() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     for name in ["alice", "A", "Az09_.-", &"x".repeat(32)] {
         let (token, user) = node.guest(name).await;
         let client = node.connect(&token).await;
@@ -55,7 +55,7 @@ async fn guest_token_accepts_valid_names() {
 
 #[tokio::test]
 async fn guest_token_refuses_bad_names_and_bad_json() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let long = "x".repeat(33);
     for name in [
         "", &long, "a b", " alice", "alice\n", "héllo", "名前", "a/b", "a@b", "a+b",
@@ -92,7 +92,7 @@ async fn guest_token_refuses_bad_names_and_bad_json() {
 
 #[tokio::test]
 async fn welcome_frame_has_protocol_user_node_session() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (token, user) = node.guest("wendy").await;
     let a = node.connect(&token).await;
     let b = node.connect(&token).await;
@@ -115,7 +115,7 @@ async fn welcome_frame_has_protocol_user_node_session() {
 
 #[tokio::test]
 async fn join_answers_joined_with_last_seq_and_members() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, ua, _) = node.user("ann").await;
     let (mut b, ub, _) = node.user("bob").await;
 
@@ -157,7 +157,7 @@ async fn join_answers_joined_with_last_seq_and_members() {
 
 #[tokio::test]
 async fn send_is_acked_and_echoed_with_all_fields() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, ua, _) = node.user("ann").await;
     a.join("lobby").await;
     let before = now_ms();
@@ -219,7 +219,7 @@ async fn send_is_acked_and_echoed_with_all_fields() {
 
 #[tokio::test]
 async fn two_clients_see_each_others_messages() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, ua, _) = node.user("ann").await;
     let (mut b, ub, _) = node.user("bob").await;
     a.join("lobby").await;
@@ -249,7 +249,7 @@ async fn two_clients_see_each_others_messages() {
 
 #[tokio::test]
 async fn presence_on_join_leave_and_disconnect() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     let (token_b, ub) = node.guest("bob").await;
     a.join("lobby").await;
@@ -299,7 +299,7 @@ async fn presence_on_join_leave_and_disconnect() {
 #[tokio::test]
 async fn presence_of_many_arrivals_is_gathered() {
     const N: usize = 20;
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     a.join("crowd").await;
     let mut crowd = Vec::new();
@@ -356,7 +356,7 @@ async fn presence_of_many_arrivals_is_gathered() {
 
 #[tokio::test]
 async fn typing_is_relayed_to_others_only() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, ua, _) = node.user("ann").await;
     let (mut b, _, _) = node.user("bob").await;
     let (mut c, _, _) = node.user("cat").await;
@@ -390,7 +390,7 @@ async fn typing_is_relayed_to_others_only() {
 
 #[tokio::test]
 async fn history_pages_back_to_the_first_message() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     a.join("hist").await;
     let acks = a.blast("hist", "h", 120).await;
@@ -446,7 +446,7 @@ async fn history_pages_back_to_the_first_message() {
 
 #[tokio::test]
 async fn ping_is_answered_with_pong_carrying_t() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     a.ping(1234567890123).await;
     a.ping(0).await;
@@ -462,7 +462,7 @@ async fn ping_is_answered_with_pong_carrying_t() {
 
 #[tokio::test]
 async fn ops_before_join_and_after_leave_are_not_joined() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     let (mut b, _, _) = node.user("bob").await;
     b.join("lobby").await;
@@ -520,7 +520,7 @@ async fn ops_before_join_and_after_leave_are_not_joined() {
 
 #[tokio::test]
 async fn bad_frames_get_errors_and_the_connection_survives() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     let (mut b, _, _) = node.user("bob").await;
     a.join("lobby").await;
@@ -845,7 +845,7 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
 
 #[tokio::test]
 async fn rate_limit_refuses_excess_sends_per_connection() {
-    let node = Node::start(NodeOpts {
+    let node = TestNode::start(NodeOpts {
         rate_per_sec: 1.0,
         rate_burst: 2,
         ..NodeOpts::default()
@@ -910,7 +910,7 @@ async fn rate_limit_refuses_excess_sends_per_connection() {
 
 #[tokio::test]
 async fn same_cid_is_one_message_per_user_and_room() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (token_a, ua) = node.guest("ann").await;
     let mut a = node.connect(&token_a).await;
     let (mut b, ub, _) = node.user("bob").await;
@@ -991,7 +991,7 @@ async fn same_cid_is_one_message_per_user_and_room() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_senders_are_seen_in_one_seq_order() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut s1, u1, _) = node.user("s1").await;
     let (mut s2, u2, _) = node.user("s2").await;
     let (mut r, _, _) = node.user("reader").await;
@@ -1002,7 +1002,7 @@ async fn concurrent_senders_are_seen_in_one_seq_order() {
         c.ping(0).await;
     }
 
-    let run = |mut c: Client, prefix: &'static str| {
+    let run = |mut c: TestClient, prefix: &'static str| {
         tokio::spawn(async move {
             for i in 0..100 {
                 c.send_json(&json!({"op":"send","room":"race","text":format!("{prefix} {i}"),"cid":format!("{prefix}-{i}")}))
@@ -1063,7 +1063,7 @@ async fn concurrent_senders_are_seen_in_one_seq_order() {
 
 #[tokio::test]
 async fn join_since_replays_exactly_the_later_messages_first() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     a.join("replay").await;
     let mut acks = Vec::new();
@@ -1120,7 +1120,7 @@ async fn join_since_replays_exactly_the_later_messages_first() {
 
 #[tokio::test]
 async fn rest_rooms_lists_members_and_last_seq() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (token_a, _) = node.guest("ann").await;
     let mut a1 = node.connect(&token_a).await;
     let mut a2 = node.connect(&token_a).await;
@@ -1169,7 +1169,7 @@ async fn rest_rooms_lists_members_and_last_seq() {
     }
 }
 
-async fn get_rooms(node: &Node) -> BTreeMap<String, Value> {
+async fn get_rooms(node: &TestNode) -> BTreeMap<String, Value> {
     let resp = node
         .http()
         .get(node.url("/api/v1/rooms"))
@@ -1186,7 +1186,7 @@ async fn get_rooms(node: &Node) -> BTreeMap<String, Value> {
     map
 }
 
-async fn get_messages(node: &Node, room: &str, query: &str) -> reqwest::Response {
+async fn get_messages(node: &TestNode, room: &str, query: &str) -> reqwest::Response {
     node.http()
         .get(node.url(&format!("/api/v1/rooms/{room}/messages{query}")))
         .send()
@@ -1196,7 +1196,7 @@ async fn get_messages(node: &Node, room: &str, query: &str) -> reqwest::Response
 
 #[tokio::test]
 async fn rest_messages_page_like_history() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     a.join("gamma").await;
     let mut acks = Vec::new();
@@ -1276,7 +1276,7 @@ async fn rest_messages_page_like_history() {
 
 #[tokio::test]
 async fn rest_post_message_is_durable_idempotent_and_live() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (mut a, _, _) = node.user("ann").await;
     a.join("delta").await;
     a.ping(0).await;
@@ -1385,7 +1385,7 @@ async fn rest_post_message_is_durable_idempotent_and_live() {
 
 #[tokio::test]
 async fn rest_me_needs_a_valid_bearer_token() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let (token, user) = node.guest("meg").await;
     let resp = node
         .http()
@@ -1427,7 +1427,7 @@ async fn rest_me_needs_a_valid_bearer_token() {
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let node = Node::start_default().await;
+    let node = TestNode::start_default().await;
     let resp = node.http().get(node.url("/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let resp = node.http().get(node.url("/readyz")).send().await.unwrap();
