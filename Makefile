@@ -4,23 +4,33 @@ CARGO ?= cargo
 NPM ?= npm
 CONFIG ?= config/default.toml
 
-.PHONY: run test test-all lint unit-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick
+.PHONY: run test test-all lint unit-test cluster-topology-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick
 
 ## run: build the web client and a release binary, start a standalone node on 127.0.0.1:8080
 run: frontend
 	$(CARGO) build --release
 	./target/release/scalable-chat --config $(CONFIG)
 
-## test: lints, then every test with the services up (started and stopped here when not running)
+## test: lints, then every test with the services of both topologies up (started and stopped
+## here when not running): the single one (one Redis, one Kafka broker) and the cluster one
+## (Redis Cluster, three Kafka brokers), see scripts/services
+TOPOLOGIES ?= single cluster
 test: lint
-	scripts/with-services $(MAKE) test-all
+	TOPOLOGIES="$(TOPOLOGIES)" scripts/with-services $(MAKE) test-all
 
-test-all: unit-test frontend-test e2e fuzz-quick faults
+test-all: unit-test cluster-topology-test frontend-test e2e fuzz-quick faults faults-cluster
 
-## lint: formatting and clippy with warnings as errors
+## cluster-topology-test: the tests of the services themselves and of several nodes, again on the
+## cluster topology (TOPOLOGY=cluster: Redis Cluster with sharded pub/sub, three Kafka brokers)
+CLUSTER_TOPOLOGY_TESTS = --test cluster --test scripts --test persist --test kafka
+cluster-topology-test:
+	TOPOLOGY=cluster $(CARGO) test $(CLUSTER_TOPOLOGY_TESTS)
+
+## lint: formatting, clippy with warnings as errors, and the one-way layers of src/
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	scripts/check-layers
 
 ## unit-test: Rust unit and integration tests (they start real nodes; cluster tests need the services)
 unit-test:
@@ -52,31 +62,39 @@ e2e: frontend
 	$(CARGO) build
 	cd frontend && SCALABLE_CHAT_BIN=../target/debug/scalable-chat $(NPM) run e2e
 
-## services-up / services-down: Redis, Kafka and MongoDB-compatible FerretDB on 127.0.0.1
+## services-up / services-down: Redis, Kafka and MongoDB-compatible FerretDB on 127.0.0.1;
+## TOPOLOGY=cluster for Redis Cluster and three Kafka brokers instead of one of each
+TOPOLOGY ?= single
 services-up:
-	scripts/services up
+	TOPOLOGY=$(TOPOLOGY) scripts/services up
 
 services-down:
-	scripts/services down
+	TOPOLOGY=$(TOPOLOGY) scripts/services down
 
 ## test-faults: fault injection against the real services, one scenario at a time (see docs/RELIABILITY.md):
 ## Kafka, FerretDB and Redis stopped under load, nodes killed or drained, the relay cut off, a client that never reads.
 ## `make faults` runs the ignored ones with the services already up (the SIGTERM drain runs in
 ## `cargo test`); it is the last step of `make test`. The scenarios stop and start the services with
 ## scripts/services and leave them running, so with-services still stops those it started.
-.PHONY: test-faults faults
+.PHONY: test-faults faults faults-cluster
 test-faults:
-	scripts/with-services $(CARGO) test --test faults -- --include-ignored --test-threads=1 --nocapture
+	scripts/with-services $(CARGO) test --test faults -- --include-ignored --test-threads=1 --nocapture --skip cluster_
 
 faults:
-	$(CARGO) test --test faults -- --ignored --test-threads=1 --nocapture
+	$(CARGO) test --test faults -- --ignored --test-threads=1 --nocapture --skip cluster_
 
-## cluster / cluster-down: the services and three nodes on 127.0.0.1:8081-8083
+## faults-cluster: the fault scenarios of the cluster topology (the tests named cluster_*: a Kafka partition
+## leader and a Redis master killed, a slot migrated, a Redis master paused, a node.id in use), with its
+## services up (started and stopped here when not running); `make faults` and `make test-faults` leave them out.
+faults-cluster:
+	TOPOLOGY=cluster TOPOLOGIES=cluster scripts/with-services $(CARGO) test --test faults -- --include-ignored --test-threads=1 --nocapture cluster_
+
+## cluster / cluster-down: the services and three nodes on 127.0.0.1:8081-8083 (TOPOLOGY as above)
 cluster: frontend
-	scripts/cluster up
+	TOPOLOGY=$(TOPOLOGY) scripts/cluster up
 
 cluster-down:
-	scripts/cluster down
+	TOPOLOGY=$(TOPOLOGY) scripts/cluster down
 
 ## bench / bench-quick: ours against Socket.IO, Centrifugo and a raw tokio server (BENCHMARKS.md)
 bench:
@@ -84,6 +102,13 @@ bench:
 
 bench-quick:
 	bench/run quick
+
+## scaling: per-message costs of every process on the cluster topology (bench/scaling, for
+## docs/SCALING.md); results in bench/results/scaling/. SCALING_TOPOLOGIES="cluster single" for both.
+SCALING_TOPOLOGIES ?= cluster
+.PHONY: scaling
+scaling:
+	for t in $(SCALING_TOPOLOGIES); do bench/scaling $$t || exit 1; done
 
 clean:
 	$(CARGO) clean

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Readiness probes for the local services, using only the standard library.
 
-    probe.py kafka HOST PORT   Kafka: ApiVersions, then a Metadata request
-                               that must list at least one broker.
+    probe.py kafka HOST PORT [BROKERS]
+                               Kafka: ApiVersions, then a Metadata request
+                               that must list a broker; given BROKERS, it
+                               must list that many, and every partition must
+                               have that many replicas in sync (or all of
+                               them, when it has fewer).
     probe.py mongo HOST PORT   MongoDB wire protocol: OP_MSG `hello` that must
                                answer ok: 1.
     probe.py mongo-drop HOST PORT DATABASE
@@ -50,9 +54,20 @@ def kafka_request(sock, api_key, api_version, correlation_id, body):
     return data[4:]
 
 
-def kafka_probe(host, port):
+def int32_array(body, pos):
+    """An array of int32 at pos: (list, position after it)."""
+    (n,) = struct.unpack(">i", body[pos:pos + 4])
+    pos += 4
+    n = max(n, 0)
+    return list(struct.unpack(f">{n}i", body[pos:pos + 4 * n])), pos + 4 * n
+
+
+def kafka_probe(host, port, want=None):
     """ApiVersions v0 (answered by every broker version) tells which Metadata
-    versions the broker takes; Metadata v4..v7 then must list a broker."""
+    versions the broker takes; Metadata v4..v7 then must list a broker. With
+    `want`, a node of a cluster is ready once it lists `want` brokers and no
+    partition has fewer in-sync replicas (a restarted broker that has not
+    caught up yet would otherwise count as back)."""
     with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
         body = kafka_request(sock, 18, 0, 1, b"")
         (error,) = struct.unpack(">h", body[:2])
@@ -70,7 +85,8 @@ def kafka_probe(host, port):
         if not usable:
             raise ValueError(f"no Metadata version in 4..7 (broker offers {lo}..{hi})")
         # topics = null (all topics), allow_auto_topic_creation = false
-        body = kafka_request(sock, 3, usable[0], 2, struct.pack(">ib", -1, 0))
+        version = usable[0]
+        body = kafka_request(sock, 3, version, 2, struct.pack(">ib", -1, 0))
         pos = 4  # throttle_time_ms
         (brokers,) = struct.unpack(">i", body[pos:pos + 4])
         pos += 4
@@ -85,7 +101,37 @@ def kafka_probe(host, port):
             listed.append(f"{node_id}@{bhost}:{bport}")
         if not listed:
             raise ValueError("metadata lists no broker yet")
-        return "brokers " + ",".join(listed)
+        if want is None:
+            return "brokers " + ",".join(listed)
+        want = int(want)
+        if len(listed) < want:
+            raise ValueError(f"metadata lists {len(listed)} of {want} brokers: " + ",".join(listed))
+        (clen,) = struct.unpack(">h", body[pos:pos + 2])
+        pos += 2 + max(clen, 0) + 4  # cluster_id, controller_id
+        (topics,) = struct.unpack(">i", body[pos:pos + 4])
+        pos += 4
+        partitions, short = 0, []
+        for _ in range(topics):
+            (_, nlen) = struct.unpack(">hh", body[pos:pos + 4])
+            pos += 4
+            topic = body[pos:pos + nlen].decode()
+            pos += nlen + 1  # name, is_internal
+            (count,) = struct.unpack(">i", body[pos:pos + 4])
+            pos += 4
+            for _ in range(count):
+                (_, index) = struct.unpack(">hi", body[pos:pos + 6])
+                pos += 10 + (4 if version >= 7 else 0)  # error, index, leader, epoch
+                replicas, pos = int32_array(body, pos)
+                isr, pos = int32_array(body, pos)
+                if version >= 5:
+                    _, pos = int32_array(body, pos)  # offline replicas
+                partitions += 1
+                if len(isr) < min(want, len(replicas)):
+                    short.append(f"{topic}-{index}")
+        if short:
+            raise ValueError(f"{len(short)} of {partitions} partitions have fewer than {want}"
+                             f" replicas in sync, e.g. {short[0]}")
+        return "brokers " + ",".join(listed) + f"; {partitions} partitions in sync"
 
 
 # --- MongoDB wire protocol -----------------------------------------------
@@ -191,8 +237,8 @@ def main(argv):
     """Run the probe named by argv[1] against HOST PORT."""
     probes = {"kafka": kafka_probe, "mongo": mongo_probe, "mongo-drop": mongo_drop,
               "mongo-count": mongo_count}
-    arity = {"mongo-drop": 5, "mongo-count": 6}
-    if len(argv) < 2 or argv[1] not in probes or len(argv) != arity.get(argv[1], 4):
+    arity = {"kafka": (4, 5), "mongo-drop": (5,), "mongo-count": (6,)}
+    if len(argv) < 2 or argv[1] not in probes or len(argv) not in arity.get(argv[1], (4,)):
         print(__doc__, file=sys.stderr)
         return 2
     try:
