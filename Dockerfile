@@ -9,10 +9,11 @@ RUN npm ci --no-audit --no-fund
 COPY frontend/ ./
 RUN npm run build
 
-# 2. The node (librdkafka is built from source by rdkafka-sys).
+# 2. The node (librdkafka is built from source by rdkafka-sys, and OpenSSL
+# for its TLS by openssl-src: perl and make).
 FROM rust:1-bookworm AS build
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends cmake \
+    && apt-get install -y --no-install-recommends cmake perl make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
