@@ -359,6 +359,25 @@ pub mod frames {
 }
 
 #[cfg(test)]
+impl ChatMessage {
+    /// A message of room `r` by user `u` with this `seq`, for unit tests.
+    pub(crate) fn sample(seq: u64) -> Self {
+        ChatMessage {
+            room: "r".into(),
+            seq,
+            id: format!("id{seq}"),
+            user: User {
+                id: "u".into(),
+                name: "n".into(),
+            },
+            text: "t".into(),
+            ts: 0,
+            cid: format!("c{seq}"),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;

@@ -1967,17 +1967,36 @@ async fn slow_reader_cut_off_memory_bounded_others_unaffected() {
 
 // ---------------------------------------------------------------- 8. cluster topology
 
-/// True on the cluster topology (`TOPOLOGY=cluster`); otherwise says why
-/// the scenario does not run there.
-fn on_cluster_topology(scenario: &str) -> bool {
-    if Topology::current() == Topology::Cluster {
-        return true;
-    }
-    eprintln!(
-        "FAULTS {scenario}: skipped: it needs the cluster topology of scripts/services \
+/// What every cluster scenario starts with. The scenarios need the cluster
+/// topology (`make faults-cluster` sets it) and fail anywhere else rather
+/// than pass without testing anything. Then: the services up and the Redis
+/// Cluster serving every slot, two nodes running persist workers and the
+/// sweep, `clients` tokens (ids `token_prefix`N) and a probe on each node.
+async fn cluster_scenario(
+    scenario: &str,
+    name: &str,
+    token_prefix: &str,
+    clients: usize,
+) -> (Faulty, Vec<String>, TestClient, TestClient) {
+    assert!(
+        Topology::current() == Topology::Cluster,
+        "FAULTS {scenario}: needs the cluster topology of scripts/services \
          (TOPOLOGY=cluster; `make faults-cluster`)"
     );
-    false
+    services_up().await;
+    redis_cluster_whole(Duration::from_secs(30)).await;
+    let f = Faulty::start(name, &[&["persist", "sweep"], &["persist", "sweep"]], &[]).await;
+    let tokens = f.tokens(clients, token_prefix).await;
+    let (pa, pb) = probes(&f).await;
+    (f, tokens, pa, pb)
+}
+
+/// The master of `view` that serves `slot`.
+fn master_in(view: &[RedisNode], slot: u16) -> RedisNode {
+    view.iter()
+        .find(|n| n.serves(slot))
+        .unwrap_or_else(|| panic!("no master serves slot {slot}: {view:?}"))
+        .clone()
 }
 
 /// One command to one node of the Redis Cluster, on a connection of its
@@ -2462,18 +2481,8 @@ async fn cluster_kafka_partition_leader_killed_under_load() {
     const CLIENTS: usize = 10;
     const PER_CLIENT: usize = 200;
     let scenario = "8a cluster-kafka-leader-killed";
-    if !on_cluster_topology(scenario) {
-        return;
-    }
-    services_up().await;
-    let f = Faulty::start(
-        "c-kafka-leader",
-        &[&["persist", "sweep"], &["persist", "sweep"]],
-        &[],
-    )
-    .await;
-    let tokens = f.tokens(CLIENTS, "k").await;
-    let (mut pa, mut pb) = probes(&f).await;
+    let (f, tokens, mut pa, mut pb) =
+        cluster_scenario(scenario, "c-kafka-leader", "k", CLIENTS).await;
     let (partition, leader, isr) = busiest_partition(&f.opts.kafka_brokers, &f.opts.topic).await;
     // scripts/services gives kafka-N the Kafka node.id N.
     assert!(
@@ -2552,26 +2561,10 @@ async fn cluster_redis_master_killed_replica_takes_over() {
     const CLIENTS: usize = 10;
     const PER_CLIENT: usize = 200;
     let scenario = "8b cluster-redis-master-killed";
-    if !on_cluster_topology(scenario) {
-        return;
-    }
-    services_up().await;
-    redis_cluster_whole(Duration::from_secs(30)).await;
-    let f = Faulty::start(
-        "c-redis-master",
-        &[&["persist", "sweep"], &["persist", "sweep"]],
-        &[],
-    )
-    .await;
-    let tokens = f.tokens(CLIENTS, "r").await;
-    let (mut pa, mut pb) = probes(&f).await;
+    let (f, tokens, mut pa, mut pb) =
+        cluster_scenario(scenario, "c-redis-master", "r", CLIENTS).await;
     let slot = key_slot(&keys::seq(&f.room)).await;
-    let view = cluster_view(None).await;
-    let master = view
-        .iter()
-        .find(|n| n.serves(slot))
-        .unwrap_or_else(|| panic!("no master serves slot {slot}: {view:?}"))
-        .clone();
+    let master = master_in(&cluster_view(None).await, slot);
     let victim = format!("redis-{}", master.port);
     let ports = Arc::new(Mutex::new(f.ports()));
     let plans = plans(&f.room, &tokens, PER_CLIENT, |p| {
@@ -2675,26 +2668,10 @@ async fn cluster_busy_room_slot_migrated_under_load() {
     const CLIENTS: usize = 10;
     const PER_CLIENT: usize = 200;
     let scenario = "8c cluster-slot-migrated";
-    if !on_cluster_topology(scenario) {
-        return;
-    }
-    services_up().await;
-    redis_cluster_whole(Duration::from_secs(30)).await;
-    let f = Faulty::start(
-        "c-slot-move",
-        &[&["persist", "sweep"], &["persist", "sweep"]],
-        &[],
-    )
-    .await;
-    let tokens = f.tokens(CLIENTS, "m").await;
-    let (mut pa, mut pb) = probes(&f).await;
+    let (f, tokens, mut pa, mut pb) = cluster_scenario(scenario, "c-slot-move", "m", CLIENTS).await;
     let slot = key_slot(&keys::seq(&f.room)).await;
     let view = cluster_view(None).await;
-    let from = view
-        .iter()
-        .find(|n| n.serves(slot))
-        .unwrap_or_else(|| panic!("no master serves slot {slot}: {view:?}"))
-        .clone();
+    let from = master_in(&view, slot);
     let to = view
         .iter()
         .find(|n| n.master && !n.failing && !n.slots.is_empty() && n.id != from.id)
@@ -2794,26 +2771,9 @@ async fn cluster_redis_master_paused_every_acked_seq_is_durable() {
     const PER_CLIENT: usize = 150;
     const PAUSE_MS: u64 = 3500;
     let scenario = "8e cluster-redis-master-paused";
-    if !on_cluster_topology(scenario) {
-        return;
-    }
-    services_up().await;
-    redis_cluster_whole(Duration::from_secs(30)).await;
-    let f = Faulty::start(
-        "c-redis-pause",
-        &[&["persist", "sweep"], &["persist", "sweep"]],
-        &[],
-    )
-    .await;
-    let tokens = f.tokens(CLIENTS, "p").await;
-    let (pa, pb) = probes(&f).await;
+    let (f, tokens, pa, pb) = cluster_scenario(scenario, "c-redis-pause", "p", CLIENTS).await;
     let slot = key_slot(&keys::seq(&f.room)).await;
-    let view = cluster_view(None).await;
-    let master = view
-        .iter()
-        .find(|n| n.serves(slot))
-        .unwrap_or_else(|| panic!("no master serves slot {slot}: {view:?}"))
-        .clone();
+    let master = master_in(&cluster_view(None).await, slot);
     let ports = Arc::new(Mutex::new(f.ports()));
     // 50 messages a second per client: many scripts in flight at each pause.
     let plans = plans(&f.room, &tokens, PER_CLIENT, |p| {
@@ -2863,40 +2823,6 @@ async fn cluster_redis_master_paused_every_acked_seq_is_durable() {
     f.cleanup().await;
 }
 
-/// Starts the binary with `config` and waits (at most `within`) for it to
-/// exit; returns its status and what it wrote.
-async fn run_until_exit(config: String, within: Duration) -> (std::process::ExitStatus, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, config).unwrap();
-    let log = dir.path().join("output.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut child = base_command()
-        .arg("--config")
-        .arg(&path)
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + within;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the node still ran after {within:?}; its output:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    (status, std::fs::read_to_string(&log).unwrap_or_default())
-}
-
 /// 8d. A second node with the `node.id` of a live node exits with status 1
 /// and an error naming `node.id` and the id, while the first goes on
 /// serving; and a node killed with SIGKILL starts again with its id (after
@@ -2934,7 +2860,7 @@ async fn cluster_node_id_in_use_refused_killed_node_restarts_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let config = second.to_toml(&dir.path().join("data"), free_port());
     let began = Instant::now();
-    let (status, output) = run_until_exit(config, Duration::from_secs(30)).await;
+    let (status, output) = run_to_exit(&config, &[], Duration::from_secs(30)).await;
     let refused_in = began.elapsed();
     assert_eq!(
         status.code(),

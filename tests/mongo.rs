@@ -118,20 +118,21 @@ fn err(e: ChatError) -> String {
     format!("{e:?}")
 }
 
+/// Stores `m` alone; how many of it were new (1 or 0).
+async fn insert_one(store: &TestStore, m: &ChatMessage) -> Result<usize, String> {
+    store
+        .insert_batch(std::slice::from_ref(m))
+        .await
+        .map_err(err)
+}
+
 #[tokio::test]
 async fn round_trip_keeps_every_field_and_stores_a_bson_date() {
     with_store(|store| async move {
         let msgs: Vec<_> = (1..=5).map(|s| message("general", s)).collect();
         let other = message("random", 1);
         check!(store.insert_batch(&msgs).await.map_err(err)? == 5, "5 new");
-        check!(
-            store
-                .insert_batch(std::slice::from_ref(&other))
-                .await
-                .map_err(err)?
-                == 1,
-            "1 new"
-        );
+        check!(insert_one(&store, &other).await? == 1, "1 new");
 
         let (page, has_more) = store.before("general", None, 50).await.map_err(err)?;
         check!(page == msgs, "latest page differs: {page:#?}");
@@ -230,22 +231,8 @@ async fn a_message_stored_again_under_a_higher_seq_keeps_the_higher() {
         let mut moved = first.clone();
         moved.seq = 9;
         // The first seq, then the new one: raised.
-        check!(
-            store
-                .insert_batch(std::slice::from_ref(&first))
-                .await
-                .map_err(err)?
-                == 1,
-            "new"
-        );
-        check!(
-            store
-                .insert_batch(std::slice::from_ref(&moved))
-                .await
-                .map_err(err)?
-                == 0,
-            "not new"
-        );
+        check!(insert_one(&store, &first).await? == 1, "new");
+        check!(insert_one(&store, &moved).await? == 0, "not new");
         let stored = store.after("general", 0, 10).await.map_err(err)?;
         check!(stored == [moved.clone()], "raised to 9: {stored:#?}");
         let seqs = || async {
@@ -458,14 +445,7 @@ fn raw_document(m: &ChatMessage) -> Document {
 async fn a_second_message_for_a_stored_cid_is_not_stored_and_the_batch_goes_on() {
     with_store(|store| async move {
         let first = message("general", 1);
-        check!(
-            store
-                .insert_batch(std::slice::from_ref(&first))
-                .await
-                .map_err(err)?
-                == 1,
-            "first"
-        );
+        check!(insert_one(&store, &first).await? == 1, "first");
         // The same user, room and cid under another id and seq (a repeat
         // that reached the sequencer as new), in a batch with a new message.
         let mut repeat = first.clone();
@@ -491,10 +471,7 @@ async fn a_second_message_for_a_stored_cid_is_not_stored_and_the_batch_goes_on()
         check!(n == 0, "nothing new, got {n}");
         check!(store.cid_conflicts() == 2, "counted again");
         // A replay of the first one alone is no conflict.
-        store
-            .insert_batch(std::slice::from_ref(&first))
-            .await
-            .map_err(err)?;
+        insert_one(&store, &first).await?;
         check!(store.cid_conflicts() == 2, "same id: no conflict");
 
         // Two messages with one cid in one batch: one is stored.
@@ -551,10 +528,7 @@ async fn find_by_cid_finds_a_users_message_in_a_room() {
         };
         bob.cid = "c1".into();
         store.insert_batch(&msgs).await.map_err(err)?;
-        store
-            .insert_batch(std::slice::from_ref(&bob))
-            .await
-            .map_err(err)?;
+        insert_one(&store, &bob).await?;
         let found = store
             .find_by_cid("general", "u1", "c2")
             .await
@@ -600,22 +574,8 @@ async fn writes_ask_for_majority_with_journal_and_the_server_accepts_them() {
         let first = message("general", 1);
         let mut moved = first.clone();
         moved.seq = 5;
-        check!(
-            store
-                .insert_batch(std::slice::from_ref(&first))
-                .await
-                .map_err(err)?
-                == 1,
-            "insert"
-        );
-        check!(
-            store
-                .insert_batch(std::slice::from_ref(&moved))
-                .await
-                .map_err(err)?
-                == 0,
-            "raise"
-        );
+        check!(insert_one(&store, &first).await? == 1, "insert");
+        check!(insert_one(&store, &moved).await? == 0, "raise");
         check!(
             store.max_seq("general").await.map_err(err)? == 5,
             "raised to 5"

@@ -198,18 +198,7 @@ mod tests {
     use super::*;
 
     fn message(seq: u64) -> ChatMessage {
-        ChatMessage {
-            room: "r".into(),
-            seq,
-            id: format!("id{seq}"),
-            user: User {
-                id: "u".into(),
-                name: "n".into(),
-            },
-            text: "t".into(),
-            ts: 0,
-            cid: format!("c{seq}"),
-        }
+        ChatMessage::sample(seq)
     }
 
     #[test]

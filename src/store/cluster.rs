@@ -784,21 +784,9 @@ impl MessageStore for ClusterStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::User;
 
     fn m(seq: u64) -> ChatMessage {
-        ChatMessage {
-            room: "r".into(),
-            seq,
-            id: format!("id{seq}"),
-            user: User {
-                id: "u".into(),
-                name: "n".into(),
-            },
-            text: "t".into(),
-            ts: 0,
-            cid: format!("c{seq}"),
-        }
+        ChatMessage::sample(seq)
     }
 
     #[test]

@@ -545,23 +545,29 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// Starts the binary with a hand-written config and expects it to stop with a
-/// non-zero status within 15 s; returns what it wrote to stderr.
-pub async fn start_expect_failure(config: &str, env: &[(&str, &str)]) -> String {
+/// Starts the binary with a hand-written config and `env`, and waits up to
+/// `within` for it to exit; returns its status and everything it wrote
+/// (stdout and stderr). Panics, with that output, if it is still running.
+pub async fn run_to_exit(
+    config: &str,
+    env: &[(&str, &str)],
+    within: Duration,
+) -> (ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, config).unwrap();
-    let log = dir.path().join("stderr.log");
-    let err = std::fs::File::create(&log).unwrap();
-    let mut cmd = base_command();
-    cmd.arg("--config")
+    let log = dir.path().join("output.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = base_command()
+        .arg("--config")
         .arg(&path)
         .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(err);
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + within;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -570,16 +576,22 @@ pub async fn start_expect_failure(config: &str, env: &[(&str, &str)]) -> String 
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "node kept running with a bad config; stderr:\n{}",
+                "the node still ran after {within:?}; its output:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// Starts the binary with a hand-written config and expects it to stop with a
+/// non-zero status within 15 s; returns what it wrote.
+pub async fn start_expect_failure(config: &str, env: &[(&str, &str)]) -> String {
+    let (status, output) = run_to_exit(config, env, Duration::from_secs(15)).await;
     assert!(
         !status.success(),
-        "node exited 0 with a bad config; stderr:\n{output}"
+        "node exited 0 with a bad config; its output:\n{output}"
     );
     output
 }
