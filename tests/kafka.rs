@@ -7,8 +7,8 @@
 //! Needs Redis, Kafka and MongoDB (`scripts/services up`); the single
 //! local broker holds one replica. The parts about three replicas need the
 //! brokers of `TOPOLOGY=cluster scripts/services up` (127.0.0.1, from
-//! KAFKA_CLUSTER_PORT, 9192 by default) and are skipped, saying so, when
-//! those do not answer.
+//! KAFKA_CLUSTER_PORT, 9192 by default), which `make test` starts beside
+//! the single topology's, and fail when those do not answer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -288,9 +288,9 @@ async fn a_topic_created_on_one_broker_gets_one_replica() {
 
 // ---------------------------------------------------------------- three brokers
 
-/// The brokers of the cluster topology, or `None` (and why) when they do
+/// The brokers of the cluster topology; panics, saying why, when they do
 /// not all answer.
-async fn three_brokers() -> Option<String> {
+async fn three_brokers() -> String {
     let first: u16 = std::env::var("KAFKA_CLUSTER_PORT")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -302,16 +302,15 @@ async fn three_brokers() -> Option<String> {
             tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr)).await,
             Ok(Ok(_))
         );
-        if !up {
-            eprintln!(
-                "SKIPPED: the three-broker part needs the cluster topology's Kafka \
-                 (TOPOLOGY=cluster scripts/services up), and {addr} does not answer"
-            );
-            return None;
-        }
+        assert!(
+            up,
+            "the three-broker tests need the cluster topology's Kafka \
+             (TOPOLOGY=cluster scripts/services up; `make test` starts it), \
+             and {addr} does not answer"
+        );
         brokers.push(addr);
     }
-    Some(brokers.join(","))
+    brokers.join(",")
 }
 
 /// On three brokers, with the defaults, the node creates its topic with
@@ -320,9 +319,7 @@ async fn three_brokers() -> Option<String> {
 #[tokio::test]
 async fn on_three_brokers_the_topic_is_replicated_and_the_node_starts() {
     Services::local().require().await;
-    let Some(brokers) = three_brokers().await else {
-        return;
-    };
+    let brokers = three_brokers().await;
     let mut opts = ClusterOpts::isolated();
     opts.kafka_brokers = brokers;
     opts.replication_factor = 3;
@@ -348,9 +345,7 @@ async fn on_three_brokers_the_topic_is_replicated_and_the_node_starts() {
 #[tokio::test]
 async fn on_three_brokers_one_in_sync_replica_is_refused() {
     Services::local().require().await;
-    let Some(brokers) = three_brokers().await else {
-        return;
-    };
+    let brokers = three_brokers().await;
     let mut opts = ClusterOpts::isolated();
     opts.kafka_brokers = brokers;
     create_topic(&opts, 3, &[("min.insync.replicas", "1")]).await;
@@ -527,15 +522,11 @@ impl Drop for SecureBroker {
 impl SecureBroker {
     /// Starts it from the jars `scripts/services` installed; `None` (and
     /// why) when those, Java or `openssl` are missing.
-    async fn start() -> Option<SecureBroker> {
-        let skip = |why: &str| {
-            eprintln!("SKIPPED: the SASL/TLS broker needs {why}");
-            None
-        };
-        let jars = match KafkaJars::find() {
-            Ok(j) => j,
-            Err(why) => return skip(&why),
-        };
+    /// Panics when what it needs is missing: scripts/services installs the
+    /// Kafka jars, and openssl is part of the machine the tests run on.
+    async fn start() -> SecureBroker {
+        let jars = KafkaJars::find()
+            .unwrap_or_else(|why| panic!("the SASL/TLS broker needs {why} (scripts/services up)"));
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let made = Command::new("openssl")
@@ -556,7 +547,7 @@ impl SecureBroker {
             .stderr(Stdio::null())
             .status();
         if !matches!(made, Ok(s) if s.success()) {
-            return skip("openssl to make a certificate");
+            panic!("openssl could not make a certificate for the SASL/TLS broker");
         }
         // Java properties: the PEM texts inline, newlines escaped.
         let pem = |f: &str| {
@@ -609,7 +600,7 @@ log.dirs={logs}
             &[broker.dir.path().join("kafka.log")],
         )
         .await;
-        Some(broker)
+        broker
     }
 
     fn brokers(&self) -> String {
@@ -651,14 +642,9 @@ impl Drop for TwoBrokers {
 }
 
 impl TwoBrokers {
-    async fn start() -> Option<TwoBrokers> {
-        let jars = match KafkaJars::find() {
-            Ok(j) => j,
-            Err(why) => {
-                eprintln!("SKIPPED: the two test brokers need {why}");
-                return None;
-            }
-        };
+    async fn start() -> TwoBrokers {
+        let jars = KafkaJars::find()
+            .unwrap_or_else(|why| panic!("the two test brokers need {why} (scripts/services up)"));
         let dir = tempfile::tempdir().unwrap();
         let ports = [free_port(), free_port()];
         let controller = free_port();
@@ -708,7 +694,7 @@ log.dirs={logs}
             children,
         };
         wait_brokers(&brokers.bootstrap(), &[], 2, began, &brokers.logs()).await;
-        Some(brokers)
+        brokers
     }
 
     fn bootstrap(&self) -> String {
@@ -758,9 +744,7 @@ async fn too_few_replicas_in_sync_answer_unavailable_never_ack() {
     if !own_brokers("too_few_replicas_in_sync_answer_unavailable_never_ack") {
         return;
     }
-    let Some(mut brokers) = TwoBrokers::start().await else {
-        return;
-    };
+    let mut brokers = TwoBrokers::start().await;
     let mut opts = ClusterOpts::isolated();
     opts.kafka_brokers = brokers.bootstrap();
     opts.replication_factor = 2;
@@ -837,9 +821,7 @@ async fn sasl_scram_over_tls_reaches_every_kafka_client() {
     if !own_brokers("sasl_scram_over_tls_reaches_every_kafka_client") {
         return;
     }
-    let Some(broker) = SecureBroker::start().await else {
-        return;
-    };
+    let broker = SecureBroker::start().await;
     let mut opts = ClusterOpts::isolated();
     opts.kafka_brokers = broker.brokers();
     let client = broker.client(SCRAM_PASSWORD);
