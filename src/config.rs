@@ -86,6 +86,11 @@ pub struct RedisSettings {
     /// How long a room remembers the cids it has accepted.
     #[serde(default = "default_cid_ttl")]
     pub cid_ttl_secs: u64,
+    /// A room with no new message for this long leaves Redis entirely
+    /// (seq, cache, cids, watermarks); its next message seeds it again from
+    /// what is durable.
+    #[serde(default = "default_room_idle_ttl")]
+    pub room_idle_ttl_secs: u64,
 }
 
 impl fmt::Debug for RedisSettings {
@@ -98,6 +103,7 @@ impl fmt::Debug for RedisSettings {
             .field("ca_file", &self.ca_file)
             .field("cache_size", &self.cache_size)
             .field("cid_ttl_secs", &self.cid_ttl_secs)
+            .field("room_idle_ttl_secs", &self.room_idle_ttl_secs)
             .finish()
     }
 }
@@ -108,6 +114,10 @@ fn default_cache_size() -> usize {
 
 fn default_cid_ttl() -> u64 {
     7 * 24 * 3600
+}
+
+fn default_room_idle_ttl() -> u64 {
+    30 * 24 * 3600
 }
 
 /// Kafka: the durable log of accepted messages.
@@ -577,6 +587,17 @@ pub struct HttpSettings {
     pub workers: usize,
     /// Seconds a draining node waits for in-flight messages before it exits.
     pub shutdown_timeout_secs: u64,
+    /// A second listener that serves `/metrics` alone; when set, the main
+    /// listener does not serve `/metrics`.
+    pub metrics_bind: Option<SocketAddr>,
+}
+
+impl HttpSettings {
+    /// Whether every listener of the node is on a loopback address, so
+    /// that only this machine can reach it.
+    pub fn loopback_only(&self) -> bool {
+        self.bind.ip().is_loopback() && self.metrics_bind.is_none_or(|m| m.ip().is_loopback())
+    }
 }
 
 impl Default for HttpSettings {
@@ -590,6 +611,7 @@ impl Default for HttpSettings {
             static_dir: PathBuf::from("frontend/dist"),
             workers: 0,
             shutdown_timeout_secs: 20,
+            metrics_bind: None,
         }
     }
 }
@@ -642,6 +664,24 @@ pub struct Limits {
     /// WebSocket connections open at once from one client address (one
     /// IPv4 address, or one IPv6 /64); more are refused with 429.
     pub max_connections_per_address: usize,
+    /// What a `ping` frame, or a WebSocket ping, costs of the connection's
+    /// bucket (every other frame costs one token).
+    pub ping_cost: f64,
+    /// A user's `typing` in one room is relayed at most once per this many
+    /// milliseconds; more often is dropped silently.
+    pub typing_interval_ms: u64,
+    /// Tokens of the user's bucket that opening a new room costs (on top of
+    /// the frame's own token).
+    pub room_create_cost: u32,
+    /// New rooms one user may open per hour (a token bucket of this size,
+    /// refilled over the hour).
+    pub new_rooms_per_hour: u32,
+    /// REST requests per second from one client address, and burst size.
+    pub address_rate_per_sec: f64,
+    pub address_rate_burst: u32,
+    /// Guest sign-ins per second from one client address, and burst size.
+    pub signin_rate_per_sec: f64,
+    pub signin_rate_burst: u32,
 }
 
 impl Default for Limits {
@@ -659,6 +699,14 @@ impl Default for Limits {
             user_rate_per_sec: 30.0,
             user_rate_burst: 60,
             max_connections_per_address: 256,
+            ping_cost: 0.25,
+            typing_interval_ms: 3000,
+            room_create_cost: 10,
+            new_rooms_per_hour: 30,
+            address_rate_per_sec: 10.0,
+            address_rate_burst: 60,
+            signin_rate_per_sec: 0.2,
+            signin_rate_burst: 10,
         }
     }
 }
@@ -761,8 +809,18 @@ impl Settings {
         if self.node.id.is_empty() || self.node.id.len() > 64 {
             return fail("node.id", "must be 1-64 characters");
         }
-        if self.auth.secret.len() < 16 {
-            return fail("auth.secret", "must be at least 16 bytes");
+        if let Some(why) = weak_secret(&self.auth.secret) {
+            if self.auth.secret.len() < 16 || !self.http.loopback_only() {
+                return fail(
+                    "auth.secret",
+                    &format!(
+                        "{why}: anyone who knows it can sign in as any user. A node that \
+                         listens beyond loopback needs a random secret of at least \
+                         {MIN_SECRET_BYTES} bytes, the same on every node, e.g. from \
+                         `openssl rand -base64 48`"
+                    ),
+                );
+            }
         }
         if self.auth.token_ttl_secs == 0 {
             return fail("auth.token_ttl_secs", "must be positive");
@@ -806,6 +864,29 @@ impl Settings {
         }
         if l.max_connections_per_address == 0 {
             return fail("limits.max_connections_per_address", "must be positive");
+        }
+        if !(l.ping_cost.is_finite() && l.ping_cost > 0.0 && l.ping_cost <= 1.0) {
+            return fail("limits.ping_cost", "must be a number above 0 and at most 1");
+        }
+        if l.new_rooms_per_hour == 0 {
+            return fail("limits.new_rooms_per_hour", "must be positive");
+        }
+        if u64::from(l.room_create_cost) > u64::from(l.user_rate_burst) {
+            return fail(
+                "limits.room_create_cost",
+                "must be at most limits.user_rate_burst",
+            );
+        }
+        for (key, rate, burst) in [
+            ("address_rate", l.address_rate_per_sec, l.address_rate_burst),
+            ("signin_rate", l.signin_rate_per_sec, l.signin_rate_burst),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                return fail(&format!("limits.{key}_per_sec"), "must be a positive number");
+            }
+            if burst == 0 {
+                return fail(&format!("limits.{key}_burst"), "must be positive");
+            }
         }
         let present = [
             ("redis", self.redis.is_some()),
@@ -857,6 +938,9 @@ impl Settings {
             if r.cid_ttl_secs == 0 {
                 return fail("redis.cid_ttl_secs", "must be positive");
             }
+            if r.room_idle_ttl_secs == 0 {
+                return fail("redis.room_idle_ttl_secs", "must be positive");
+            }
             if !r.urls.is_empty() && !r.cluster {
                 return fail(
                     "redis.urls",
@@ -882,6 +966,29 @@ impl Settings {
     }
 }
 
+/// The shortest `auth.secret` a node reachable beyond loopback accepts.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The example secrets this project ships (config files, compose file):
+/// public, so they protect nothing.
+const SHIPPED_SECRETS: [&str; 3] = [
+    "dev-only-secret-change-me-0123456789",
+    "cluster-dev-secret-change-me-0123456789",
+    "compose-dev-secret-change-me-0123456789",
+];
+
+/// Why `secret` is not fit to sign tokens anyone else can reach, if it is
+/// not.
+fn weak_secret(secret: &str) -> Option<String> {
+    if SHIPPED_SECRETS.contains(&secret) {
+        Some("is an example secret shipped with ScalableChat".into())
+    } else if secret.len() < MIN_SECRET_BYTES {
+        Some(format!("is {} bytes long", secret.len()))
+    } else {
+        None
+    }
+}
+
 /// An environment value is read as a TOML value when it is one (numbers,
 /// booleans, arrays), else taken as a plain string.
 fn env_value(raw: &str) -> toml::Value {
@@ -898,7 +1005,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    const MINIMAL: &str = "[auth]\nsecret = \"0123456789abcdef0123\"\n";
+    const MINIMAL: &str = "[auth]\nsecret = \"0123456789abcdef0123456789abcdef-test\"\n";
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -971,6 +1078,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("auth.secret"), "{e}");
+    }
+
+    #[test]
+    fn weak_secrets_only_on_loopback() {
+        let public = |secret: &str| {
+            format!("[http]\nbind = \"0.0.0.0:8080\"\n[auth]\nsecret = \"{secret}\"\n")
+        };
+        let loopback = |secret: &str| format!("[auth]\nsecret = \"{secret}\"\n");
+        let shipped = [
+            "dev-only-secret-change-me-0123456789",
+            "cluster-dev-secret-change-me-0123456789",
+            "compose-dev-secret-change-me-0123456789",
+        ];
+        for secret in shipped.iter().copied().chain(["0123456789abcdef0123"]) {
+            let e = Settings::parse(&public(secret), "t", Vec::new())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("auth.secret") && e.contains("openssl rand"), "{e}");
+            assert!(!e.contains(secret), "the message repeats the secret: {e}");
+            Settings::parse(&loopback(secret), "t", Vec::new()).unwrap();
+        }
+        // A strong secret listens anywhere.
+        Settings::parse(&public(&"k".repeat(32)), "t", Vec::new()).unwrap();
+        // A public metrics listener is a public node.
+        let metrics = format!(
+            "{}[http]\nmetrics_bind = \"0.0.0.0:9100\"\n",
+            loopback("0123456789abcdef0123")
+        );
+        assert!(Settings::parse(&metrics, "t", Vec::new()).is_err());
+        // The example configs are loopback-only, so they still start.
+        for file in ["config/default.toml", "config/node-1.toml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let s = Settings::load(&path, Vec::new()).unwrap();
+            assert!(s.http.loopback_only(), "{file}");
+        }
     }
 
     #[test]

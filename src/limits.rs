@@ -1,16 +1,18 @@
-//! Limits shared by all connections of a node: a token bucket per user
-//! (over all of that user's connections and the REST API) and a cap on the
-//! WebSocket connections open at once from one client address.
+//! Limits shared by all connections of a node: token buckets per key (a
+//! user over all of that user's connections and the REST API, a client
+//! address over its REST requests and sign-ins) and a cap on the WebSocket
+//! connections open at once from one client address.
 //!
-//! Both are in-process and per node: a user connected to three nodes has
+//! All are in-process and per node: a user connected to three nodes has
 //! three buckets, one on each.
 
+use std::borrow::Borrow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A token bucket: holds at most `burst` tokens, starts full, refills at
 /// `per_sec` tokens per second.
@@ -40,12 +42,19 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
+        self.take_cost(1.0, now).is_ok()
+    }
+
+    /// Takes `cost` tokens if there are that many; else says how long until
+    /// there will be.
+    pub fn take_cost(&mut self, cost: f64, now: Instant) -> Result<(), Duration> {
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            Ok(())
         } else {
-            false
+            let missing = (cost.min(self.burst) - self.tokens).max(0.0);
+            Err(Duration::from_secs_f64(missing / self.per_sec))
         }
     }
 
@@ -63,19 +72,25 @@ const SHARDS: usize = 16;
 /// then again when it has doubled.
 const SWEEP_AT: usize = 1024;
 
-struct Shard {
-    buckets: HashMap<String, TokenBucket>,
+struct Shard<K> {
+    buckets: HashMap<K, TokenBucket>,
     sweep_at: usize,
 }
 
-/// One token bucket per user id.
-pub struct UserRates {
-    shards: Vec<Mutex<Shard>>,
+/// One token bucket per key; a bucket that is full again is forgotten.
+pub struct KeyedRates<K> {
+    shards: Vec<Mutex<Shard<K>>>,
     per_sec: f64,
     burst: u32,
 }
 
-impl UserRates {
+/// One token bucket per user id.
+pub type UserRates = KeyedRates<String>;
+
+/// One token bucket per client address (see [`address_key`]).
+pub type AddressRates = KeyedRates<IpAddr>;
+
+impl<K: Hash + Eq> KeyedRates<K> {
     pub fn new(per_sec: f64, burst: u32) -> Self {
         let shards = (0..SHARDS)
             .map(|_| {
@@ -92,20 +107,34 @@ impl UserRates {
         }
     }
 
-    fn shard(&self, user_id: &str) -> MutexGuard<'_, Shard> {
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> MutexGuard<'_, Shard<K>> {
         let mut h = DefaultHasher::new();
-        user_id.hash(&mut h);
+        key.hash(&mut h);
         let i = (h.finish() % SHARDS as u64) as usize;
         self.shards[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes one token from `user_id`'s bucket if there is one.
-    pub fn take(&self, user_id: &str, now: Instant) -> bool {
-        let mut shard = self.shard(user_id);
-        if let Some(bucket) = shard.buckets.get_mut(user_id) {
-            return bucket.take(now);
+    /// Takes one token from `key`'s bucket if there is one.
+    pub fn take<Q>(&self, key: &Q, now: Instant) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.take_cost(key, 1.0, now).is_ok()
+    }
+
+    /// Takes `cost` tokens from `key`'s bucket if it has that many; else
+    /// says how long until it will.
+    pub fn take_cost<Q>(&self, key: &Q, cost: f64, now: Instant) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let mut shard = self.shard(key);
+        if let Some(bucket) = shard.buckets.get_mut(key) {
+            return bucket.take_cost(cost, now);
         }
         if shard.buckets.len() >= shard.sweep_at {
             // A full bucket is the same as none: forget those.
@@ -113,9 +142,21 @@ impl UserRates {
             shard.sweep_at = (shard.buckets.len() * 2).max(SWEEP_AT);
         }
         let mut bucket = TokenBucket::new(self.per_sec, self.burst, now);
-        let taken = bucket.take(now);
-        shard.buckets.insert(user_id.to_string(), bucket);
+        let taken = bucket.take_cost(cost, now);
+        shard.buckets.insert(key.to_owned(), bucket);
         taken
+    }
+
+    /// Gives back `cost` tokens taken from `key`'s bucket (an operation
+    /// that was refused for another reason), up to its burst.
+    pub fn give_back<Q>(&self, key: &Q, cost: f64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(bucket) = self.shard(key).buckets.get_mut(key) {
+            bucket.tokens = (bucket.tokens + cost).min(bucket.burst);
+        }
     }
 
     /// Users with a bucket in memory (for tests).
@@ -191,10 +232,10 @@ impl Drop for AddressSlot {
     }
 }
 
-/// The address a connection counts against: an IPv4 address as it is (an
+/// The address a client counts against: an IPv4 address as it is (an
 /// IPv4-mapped IPv6 address as its IPv4 address), an IPv6 address by its
 /// /64, the block one client usually holds.
-fn address_key(ip: IpAddr) -> IpAddr {
+pub fn address_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -421,6 +421,7 @@ impl TlsRedis {
             ca_file: ca.then(|| self.pki.ca.clone()),
             cache_size: 500,
             cid_ttl_secs: 3600,
+            room_idle_ttl_secs: 30 * 24 * 3600,
         }
     }
 

@@ -8,7 +8,7 @@ use actix::prelude::*;
 use super::registry::RoomRegistry;
 use crate::auth::Tokens;
 use crate::config::Settings;
-use crate::limits::{AddressSlots, UserRates};
+use crate::limits::{AddressRates, AddressSlots, UserRates};
 use crate::metrics::Metrics;
 use crate::store::MessageStore;
 
@@ -25,6 +25,12 @@ pub struct AppState {
     pub user_rates: UserRates,
     /// WebSocket connections open per client address.
     pub address_slots: Arc<AddressSlots>,
+    /// REST requests per client address.
+    pub address_rates: AddressRates,
+    /// Guest sign-ins per client address.
+    pub signin_rates: AddressRates,
+    /// New rooms per user, over the hour.
+    pub new_rooms: UserRates,
     session_ids: AtomicU64,
 }
 
@@ -48,6 +54,18 @@ impl AppState {
             address_slots: Arc::new(AddressSlots::new(
                 settings.limits.max_connections_per_address,
             )),
+            address_rates: AddressRates::new(
+                settings.limits.address_rate_per_sec,
+                settings.limits.address_rate_burst,
+            ),
+            signin_rates: AddressRates::new(
+                settings.limits.signin_rate_per_sec,
+                settings.limits.signin_rate_burst,
+            ),
+            new_rooms: UserRates::new(
+                f64::from(settings.limits.new_rooms_per_hour) / 3600.0,
+                settings.limits.new_rooms_per_hour,
+            ),
             session_ids: AtomicU64::new(1),
             settings,
         }

@@ -303,6 +303,7 @@ mod tests {
             ca_file: Some("/nonexistent/ca.pem".into()),
             cache_size: 500,
             cid_ttl_secs: 3600,
+            room_idle_ttl_secs: 3600,
         }
     }
 

@@ -110,6 +110,7 @@ impl Services {
             ca_file: None,
             cache_size: 500,
             cid_ttl_secs: 3600,
+            room_idle_ttl_secs: 30 * 24 * 3600,
         }
     }
 
