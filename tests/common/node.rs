@@ -41,6 +41,14 @@ pub struct NodeOpts {
     pub user_rate_per_sec: f64,
     pub user_rate_burst: u64,
     pub max_connections_per_address: u64,
+    pub ping_cost: f64,
+    pub typing_interval_ms: u64,
+    pub room_create_cost: u64,
+    pub new_rooms_per_hour: u64,
+    pub address_rate_per_sec: f64,
+    pub address_rate_burst: u64,
+    pub signin_rate_per_sec: f64,
+    pub signin_rate_burst: u64,
     /// Extra environment variables for the child process.
     pub env: Vec<(String, String)>,
     /// Cluster mode: the `[redis]`, `[kafka]` and `[mongo]` sections (and
@@ -67,6 +75,17 @@ impl Default for NodeOpts {
             user_rate_per_sec: 100_000.0,
             user_rate_burst: 100_000,
             max_connections_per_address: 1024,
+            // The defaults, but the per-address and new-room limits: tests
+            // sign in many guests and open many rooms from 127.0.0.1; each
+            // of these limits has its own test.
+            ping_cost: 0.25,
+            typing_interval_ms: 3000,
+            room_create_cost: 10,
+            new_rooms_per_hour: 100_000,
+            address_rate_per_sec: 100_000.0,
+            address_rate_burst: 100_000,
+            signin_rate_per_sec: 100_000.0,
+            signin_rate_burst: 100_000,
             env: Vec::new(),
             cluster: None,
         }
@@ -105,6 +124,14 @@ outbound_hard_bytes = {hard}
 user_rate_per_sec = {user_rate:?}
 user_rate_burst = {user_burst}
 max_connections_per_address = {per_address}
+ping_cost = {ping_cost:?}
+typing_interval_ms = {typing}
+room_create_cost = {create_cost}
+new_rooms_per_hour = {new_rooms}
+address_rate_per_sec = {addr_rate:?}
+address_rate_burst = {addr_burst}
+signin_rate_per_sec = {signin_rate:?}
+signin_rate_burst = {signin_burst}
 "#,
             node_id = self.node_id,
             data_dir = toml_escape(&data_dir.display().to_string()),
@@ -122,6 +149,14 @@ max_connections_per_address = {per_address}
             user_rate = self.user_rate_per_sec,
             user_burst = self.user_rate_burst,
             per_address = self.max_connections_per_address,
+            ping_cost = self.ping_cost,
+            typing = self.typing_interval_ms,
+            create_cost = self.room_create_cost,
+            new_rooms = self.new_rooms_per_hour,
+            addr_rate = self.address_rate_per_sec,
+            addr_burst = self.address_rate_burst,
+            signin_rate = self.signin_rate_per_sec,
+            signin_burst = self.signin_rate_burst,
         );
         if let Some(c) = &self.cluster {
             text.push_str(&c.to_toml());
