@@ -3,7 +3,8 @@
 //! first local member, unsubscribing after its last) and hands what other
 //! nodes publish to the registry: messages as they become durable, presence
 //! and typing. Publishes this node's presence and typing, keeps the
-//! cluster-wide member lists, heartbeats and sweeps dead nodes.
+//! cluster-wide member lists and the node's set of rooms with local
+//! members, heartbeats and sweeps dead nodes.
 //!
 //! On one Redis server the channels are classic pub/sub on one connection.
 //! On a Redis Cluster they are sharded pub/sub: the cluster connection
@@ -17,7 +18,7 @@
 //! (`Resync`), so a gap in Redis is never a gap for clients. Sessions never
 //! wait on any of this.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,6 +124,20 @@ enum News {
     Dropped,
 }
 
+/// The node's set of rooms with local members in Redis
+/// (`keys::node_rooms`), which the sweep reads when the node dies. It
+/// follows [`Subscribe`] and [`Unsubscribe`]: changes are written one batch
+/// at a time, in the order the bridge made them, so a room left and joined
+/// again at once ends up in the set. A room's latest change replaces one
+/// not yet written, so what waits is bounded by the rooms.
+#[derive(Default)]
+struct NodeRooms {
+    /// Changes not written yet: room, and whether it has local members.
+    pending: HashMap<String, bool>,
+    /// A batch is being written.
+    writing: bool,
+}
+
 /// How the relay listens.
 enum Listener {
     /// One server: a pub/sub connection, opened again after it drops.
@@ -148,6 +163,7 @@ pub struct RedisBridge {
     /// On a cluster, the rooms are being subscribed again after a lost
     /// connection (see [`Rejoin`]).
     rejoining: bool,
+    node_rooms: NodeRooms,
 }
 
 impl RedisBridge {
@@ -173,7 +189,48 @@ impl RedisBridge {
             rooms: HashSet::new(),
             generation: 0,
             rejoining: false,
+            node_rooms: NodeRooms::default(),
         }
+    }
+
+    /// Notes whether `room` has local members, for the node's room set.
+    fn note_room(&mut self, room: &str, present: bool, ctx: &mut Context<Self>) {
+        self.node_rooms.pending.insert(room.to_string(), present);
+        self.write_node_rooms(ctx);
+    }
+
+    /// Writes the pending changes of the node's room set, unless a batch is
+    /// on its way; a failed batch is tried again a little later, under any
+    /// change made since.
+    fn write_node_rooms(&mut self, ctx: &mut Context<Self>) {
+        if self.node_rooms.writing || self.node_rooms.pending.is_empty() {
+            return;
+        }
+        self.node_rooms.writing = true;
+        let batch = std::mem::take(&mut self.node_rooms.pending);
+        let key = keys::node_rooms(&self.node_id);
+        let mut pipe = redis::pipe();
+        for (room, present) in &batch {
+            if *present {
+                pipe.sadd(&key, room).ignore();
+            } else {
+                pipe.srem(&key, room).ignore();
+            }
+        }
+        let mut conn = self.publisher.clone();
+        let written = async move { pipe.query_async::<()>(&mut conn).await };
+        ctx.spawn(written.into_actor(self).map(move |written, act, ctx| {
+            act.node_rooms.writing = false;
+            if let Err(e) = written {
+                log::warn!("Updating this node's room set failed: {e}; retrying.");
+                for (room, present) in batch {
+                    act.node_rooms.pending.entry(room).or_insert(present);
+                }
+                ctx.run_later(BACKOFF_MAX, |act, ctx| act.write_node_rooms(ctx));
+                return;
+            }
+            act.write_node_rooms(ctx);
+        }));
     }
 
     /// How this node publishes to a room's channel.
@@ -512,11 +569,12 @@ impl Handler<ChannelNews> for RedisBridge {
 
 impl Handler<Subscribe> for RedisBridge {
     type Result = ResponseFuture<()>;
-    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> Self::Result {
         if !self.rooms.insert(msg.room.clone()) {
             // Subscribed already, or on the next connect.
             return Box::pin(async {});
         }
+        self.note_room(&msg.room, true, ctx);
         self.subscribe(vec![keys::channel(&msg.room)])
     }
 }
@@ -527,6 +585,7 @@ impl Handler<Unsubscribe> for RedisBridge {
         if !self.rooms.remove(&msg.room) {
             return;
         }
+        self.note_room(&msg.room, false, ctx);
         let channel = keys::channel(&msg.room);
         let unsubscribing: futures_util::future::BoxFuture<'static, ()> = match &self.listener {
             Listener::Single {
@@ -673,9 +732,9 @@ impl Handler<Broadcast> for RedisBridge {
         let mut conn = self.publisher.clone();
         let channel = keys::channel(&msg.room);
         // The room's member list and its channel share the room's slot, so
-        // they go in one pipeline; the node's own room set is elsewhere.
+        // they go in one pipeline; the node's own room set follows
+        // `Subscribe` and `Unsubscribe`.
         let mut pipe = redis::pipe();
-        let mut node_rooms = None;
         if let RoomEvent::Presence { joined, left, .. } = &msg.event {
             // The cluster-wide member list: one field per user and node.
             let members = keys::members(&msg.room);
@@ -688,9 +747,6 @@ impl Handler<Broadcast> for RedisBridge {
                 pipe.hdel(&members, format!("{}|{}", self.node_id, user.id))
                     .ignore();
             }
-            if !joined.is_empty() {
-                node_rooms = Some((keys::node_rooms(&self.node_id), msg.room.clone()));
-            }
         }
         pipe.cmd(self.publish_command())
             .arg(&channel)
@@ -698,12 +754,6 @@ impl Handler<Broadcast> for RedisBridge {
             .ignore();
         ctx.spawn(
             async move {
-                if let Some((key, room)) = node_rooms {
-                    let noted: redis::RedisResult<()> = conn.sadd(key, room).await;
-                    if let Err(e) = noted {
-                        log::debug!("Noting a room of this node failed: {e}.");
-                    }
-                }
                 let sent: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
                 if let Err(e) = sent {
                     log::debug!("Publishing to {channel} failed: {e}.");

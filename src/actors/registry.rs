@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -16,7 +17,8 @@ use super::messages::{Publish, RelayDown, RemoteEvent, Resync, Shutdown};
 use super::outbox::SessionOutbox;
 use super::redis_bridge::{RedisBridge, Unsubscribe};
 use super::room::{
-    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, Joined, LeaveRoom, Remote, Room, TypingIn,
+    Backfill, CountUsers, Deliver, GetMembers, JoinRoom, Joined, LeaveRoom, OpeningFee, Remote,
+    Room, TypingIn,
 };
 use crate::metrics::Metrics;
 use crate::protocol::{frames, User};
@@ -38,7 +40,9 @@ pub struct Disconnect {
     pub rooms: Vec<String>,
 }
 
-/// A session joins a room; answers the room's members after the join.
+/// A session joins a room; answers the room's members after the join, or
+/// that it was refused because it would open the room and `opening_fee`
+/// was not paid (see [`JoinRoom`]).
 #[derive(Message)]
 #[rtype(result = "Joined")]
 pub struct Join {
@@ -46,6 +50,7 @@ pub struct Join {
     pub user: User,
     pub room: String,
     pub outbox: Arc<SessionOutbox>,
+    pub opening_fee: OpeningFee,
 }
 
 /// A session leaves a room.
@@ -56,13 +61,14 @@ pub struct Leave {
     pub room: String,
 }
 
-/// A user is typing in a room.
+/// A user is typing in a room; relayed at most once per `every`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Typing {
     pub session_id: u64,
     pub room: String,
     pub user: User,
+    pub every: Duration,
 }
 
 /// The members (distinct users) of a room on this node.
@@ -196,10 +202,13 @@ impl Handler<Join> for RoomRegistry {
         // `send` enqueues now, so the join is ahead of any later message.
         // A new room answers once it is subscribed and knows where its
         // history ends, so the session's replay after it misses nothing.
+        // A refused join counts here until the session's `Leave`, which
+        // drops the room again if no one else came.
         let reply = entry.addr.send(JoinRoom {
             session_id: msg.session_id,
             user: msg.user,
             outbox: msg.outbox,
+            opening_fee: msg.opening_fee,
         });
         Box::pin(async move { reply.await.unwrap_or_default() })
     }
@@ -219,6 +228,7 @@ impl Handler<Typing> for RoomRegistry {
             entry.addr.do_send(TypingIn {
                 session_id: msg.session_id,
                 user: msg.user,
+                every: msg.every,
             });
         }
     }

@@ -30,19 +30,28 @@ const BACKFILL_RETRY: Duration = Duration::from_millis(500);
 /// one per arrival.
 const PRESENCE_WINDOW: Duration = Duration::from_millis(50);
 
+/// Pays for opening a room (see [`JoinRoom`]): false when the user cannot.
+pub type OpeningFee = Box<dyn FnOnce() -> bool + Send>;
+
 /// A session joins; answers the members (distinct users) after the join,
-/// and the highest seq delivered before it.
+/// and the highest seq delivered before it. A join that opens the room (no
+/// message yet, and no member here or on any other node) is taken only
+/// once `opening_fee` is paid; else it is refused and leaves no trace.
 #[derive(Message)]
 #[rtype(result = "Joined")]
 pub struct JoinRoom {
     pub session_id: u64,
     pub user: User,
     pub outbox: Arc<SessionOutbox>,
+    pub opening_fee: OpeningFee,
 }
 
 /// The answer to a join.
 #[derive(Debug, Default)]
 pub struct Joined {
+    /// The join would have opened the room, and its fee was not paid: the
+    /// session is not a member.
+    pub refused: bool,
     pub members: Vec<User>,
     /// The highest seq the room delivered before the session joined
     /// (`None` before it knows where its history ends). Every later
@@ -67,12 +76,14 @@ pub struct Deliver {
     pub frame: ByteString,
 }
 
-/// A member is typing; relayed to the other users' sessions.
+/// A member is typing; relayed to the other users' sessions, at most once
+/// per `every` for each user.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct TypingIn {
     pub session_id: u64,
     pub user: User,
+    pub every: Duration,
 }
 
 /// Presence or typing from another node.
@@ -160,6 +171,31 @@ impl SeqGate {
     }
 }
 
+/// When each user's typing was last relayed: a user's typing goes out at
+/// most once per interval, over all of the user's sessions here.
+#[derive(Default)]
+struct TypingThrottle {
+    relayed: HashMap<String, Instant>,
+}
+
+impl TypingThrottle {
+    /// Whether `user_id`'s typing is relayed now; notes it if so.
+    fn allow(&mut self, user_id: &str, every: Duration, now: Instant) -> bool {
+        if let Some(at) = self.relayed.get(user_id) {
+            if now.saturating_duration_since(*at) < every {
+                return false;
+            }
+        }
+        self.relayed.insert(user_id.to_string(), now);
+        true
+    }
+
+    /// The user left the room: nothing to remember.
+    fn forget(&mut self, user_id: &str) {
+        self.relayed.remove(user_id);
+    }
+}
+
 /// The live state of one room on this node.
 pub struct Room {
     name: Arc<str>,
@@ -177,6 +213,7 @@ pub struct Room {
     presence_changes: HashMap<String, (User, bool)>,
     /// A flush of `presence_changes` is scheduled.
     presence_flush: bool,
+    typing: TypingThrottle,
     gate: SeqGate,
     /// A backfill is reading the store; another is to follow it.
     backfilling: bool,
@@ -206,6 +243,7 @@ impl Room {
             remote_nodes: HashMap::new(),
             presence_changes: HashMap::new(),
             presence_flush: false,
+            typing: TypingThrottle::default(),
             gate: SeqGate::default(),
             backfilling: false,
             backfill_again: false,
@@ -331,6 +369,13 @@ impl Room {
         }
     }
 
+    /// Whether a join now would open the room: it has no message yet, and
+    /// no member here or on any other node. Known from the room's own state,
+    /// so joining an existing room costs no store read.
+    fn opened_by_join(&self) -> bool {
+        self.members.is_empty() && self.remote.is_empty() && self.gate.delivered == Some(0)
+    }
+
     fn fan_out(&self, ready: Vec<(u64, ByteString)>) {
         for (seq, frame) in ready {
             for m in self.members.values() {
@@ -454,6 +499,12 @@ impl Actor for Room {
 impl Handler<JoinRoom> for Room {
     type Result = MessageResult<JoinRoom>;
     fn handle(&mut self, msg: JoinRoom, ctx: &mut Context<Self>) -> Self::Result {
+        if self.opened_by_join() && !(msg.opening_fee)() {
+            return MessageResult(Joined {
+                refused: true,
+                ..Joined::default()
+            });
+        }
         if !self.users.contains_key(&msg.user.id) {
             self.presence_may_change(&msg.user, ctx);
         }
@@ -475,6 +526,7 @@ impl Handler<JoinRoom> for Room {
             },
         );
         MessageResult(Joined {
+            refused: false,
             members: self.member_list(),
             delivered: self.gate.delivered,
         })
@@ -501,6 +553,7 @@ impl Handler<LeaveRoom> for Room {
             }
         };
         if last {
+            self.typing.forget(&member.user.id);
             self.broadcast(RoomEvent::Presence {
                 node: self.node_id.clone(),
                 room: self.name.to_string(),
@@ -522,7 +575,9 @@ impl Handler<Deliver> for Room {
 impl Handler<TypingIn> for Room {
     type Result = ();
     fn handle(&mut self, msg: TypingIn, _: &mut Context<Self>) {
-        if !self.members.contains_key(&msg.session_id) {
+        if !self.members.contains_key(&msg.session_id)
+            || !self.typing.allow(&msg.user.id, msg.every, Instant::now())
+        {
             return;
         }
         let frame = frames::typing(&self.name, &msg.user);
@@ -639,5 +694,19 @@ mod tests {
         );
         // The skipped seq arriving late is not delivered out of order.
         assert!(g.offer(2, f("2"), t + HOLD_BACK * 3).is_empty());
+    }
+
+    #[test]
+    fn typing_is_relayed_once_per_interval_per_user() {
+        let mut typing = TypingThrottle::default();
+        let every = Duration::from_secs(3);
+        let t = Instant::now();
+        assert!(typing.allow("ann", every, t));
+        assert!(!typing.allow("ann", every, t + Duration::from_millis(2900)));
+        assert!(typing.allow("bob", every, t), "each user on their own");
+        assert!(typing.allow("ann", every, t + every));
+        typing.forget("ann");
+        assert!(!typing.relayed.contains_key("ann"), "forgotten on leave");
+        assert!(typing.allow("ann", every, t + every));
     }
 }

@@ -6,7 +6,7 @@
 //! that moving to another WebSocket crate touches only it. Frames for the
 //! session come through its [`SessionOutbox`], which applies the
 //! slow-reader policy; a join's replay is the plain state of
-//! [`super::replay`], driven from here. A client that takes no bytes at all
+//! [`super::replay`], driven from here, one replay at a time. A client that takes no bytes at all
 //! keeps its session parked behind the full socket; the kernel drops such a
 //! connection after [`STALLED_SOCKET_TIMEOUT`] (`TCP_USER_TIMEOUT`, set on
 //! every accepted socket).
@@ -29,7 +29,7 @@ use super::app::AppState;
 use super::messages::Shutdown;
 use super::outbox::{wire_len, FrameKind, Outbound, SessionOutbox};
 use super::registry::{Connect, Disconnect, Join, Leave, Members, Typing};
-use super::replay::{Next, Offer, Replay, RoomFeed, REPLAY_PAGE};
+use super::replay::{Next, Offer, Replay, ReplayQueue, RoomFeed, Upto, Waiting, REPLAY_PAGE};
 use crate::error::ChatError;
 use crate::limits::{AddressSlot, TokenBucket};
 use crate::protocol::{frames, parse_client_frame, ChatMessage, ClientOp, User};
@@ -37,6 +37,13 @@ use crate::store::NewMessage;
 
 /// How long a replay waits before checking a busy queue again.
 const REPLAY_BACKOFF: Duration = Duration::from_millis(20);
+
+/// Frames refused for the rate limit that a connection gets answered in a
+/// burst; the allowance refills at `limits.rate_per_sec`. A client that
+/// keeps sending into its empty bucket beyond it is closed with 1008, so
+/// a flood never makes the node write more than about one `error` per
+/// frame it would have accepted.
+const REFUSALS_BURST: u32 = 100;
 
 /// How long a connection may keep bytes its client does not take (no
 /// acknowledgement, or a receive window that stays shut) before the kernel
@@ -56,6 +63,19 @@ pub fn configure_connection(conn: &dyn std::any::Any) {
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     let _ = (tcp, STALLED_SOCKET_TIMEOUT);
+}
+
+/// Charges `user_id` for opening a new room: `limits.room_create_cost`
+/// tokens of the user's bucket, on top of the frame's own, and one of the
+/// user's new rooms for the hour (`limits.new_rooms_per_hour`). Takes
+/// nothing when either is short, and says how long until both would do.
+pub fn pay_for_new_room(app: &AppState, user_id: &str) -> Result<(), Duration> {
+    let now = Instant::now();
+    let cost = f64::from(app.settings.limits.room_create_cost);
+    app.user_rates.take_cost(user_id, cost, now)?;
+    app.new_rooms.take_cost(user_id, 1.0, now).inspect_err(|_| {
+        app.user_rates.give_back(user_id, cost);
+    })
 }
 
 /// The response body: the session's encoded frames, counted out of its
@@ -97,7 +117,12 @@ pub struct WsSession {
     /// Anything from the client counts as a sign of life.
     last_heard: Instant,
     rooms: HashMap<String, RoomFeed>,
+    /// Joins waiting for their replay; one runs at a time.
+    replays: ReplayQueue,
     rate: TokenBucket,
+    /// Answers left for frames refused for the rate limit (see
+    /// [`REFUSALS_BURST`]).
+    refusals: TokenBucket,
     partial: Option<Partial>,
     /// Sends waiting for the store; a draining session closes at zero.
     in_flight: usize,
@@ -130,6 +155,8 @@ impl WsSession {
             name: ulid::Ulid::new().to_string(),
             user,
             rate: TokenBucket::new(limits.rate_per_sec, limits.rate_burst, Instant::now()),
+            refusals: TokenBucket::new(limits.rate_per_sec, REFUSALS_BURST, Instant::now()),
+            replays: ReplayQueue::default(),
             outbox: outbox.clone(),
             last_heard: Instant::now(),
             rooms: HashMap::new(),
@@ -184,27 +211,45 @@ impl WsSession {
         ctx.ping(b"");
     }
 
+    /// Takes what a frame costs: `cost` tokens of the connection's bucket,
+    /// and with `per_user` one of the user's. False when either is empty.
+    fn charge(&mut self, cost: f64, per_user: bool) -> bool {
+        let now = Instant::now();
+        self.rate.take_cost(cost, now).is_ok()
+            && (!per_user || self.app.user_rates.take(&self.user.id, now))
+    }
+
+    /// Answers a frame refused for the rate limit with `rate_limited`, or
+    /// closes the connection (1008) when it has had all the answers it may
+    /// get: it keeps sending into an empty bucket.
+    fn refuse_rate(&mut self, ctx: &mut WebsocketContext<Self>, reference: Option<&str>) {
+        if self.refusals.take(Instant::now()) {
+            return self.emit_error(ctx, &ChatError::RateLimited, reference);
+        }
+        log::debug!("Session {} keeps sending over its rate limit.", self.id);
+        self.close(ctx, CloseCode::Policy, "rate limit exceeded");
+    }
+
     fn on_text(&mut self, text: &str, ctx: &mut WebsocketContext<Self>) {
         let limits = &self.app.settings.limits;
         let parsed = parse_client_frame(text, limits.max_text_chars);
-        let is_ping = matches!(parsed, Ok(ClientOp::Ping { .. }));
+        let cost = match parsed {
+            Ok(ClientOp::Ping { .. }) => limits.ping_cost,
+            _ => 1.0,
+        };
         // `send`, `typing` and `history` also cost a token of the user's
         // bucket, shared by all of the user's connections to this node.
         let per_user = matches!(
             parsed,
             Ok(ClientOp::Send { .. } | ClientOp::Typing { .. } | ClientOp::History { .. })
         );
-        let now = Instant::now();
-        if !is_ping
-            && (!self.rate.take(now) || (per_user && !self.app.user_rates.take(&self.user.id, now)))
-        {
+        if !self.charge(cost, per_user) {
             let reference = match &parsed {
                 Ok(ClientOp::Send { cid, .. }) => Some(cid.as_str()),
                 Ok(op) => Some(op.name()),
                 Err(e) => e.reference.as_deref(),
             };
-            self.emit_error(ctx, &ChatError::RateLimited, reference);
-            return;
+            return self.refuse_rate(ctx, reference);
         }
         match parsed {
             Ok(op) => self.on_op(op, ctx),
@@ -216,14 +261,10 @@ impl WsSession {
         match op {
             ClientOp::Join { room, since } => self.join(room, since, ctx),
             ClientOp::Leave { room } => {
-                let Some(feed) = self.rooms.remove(&room) else {
+                if !self.rooms.contains_key(&room) {
                     return self.emit_error(ctx, &ChatError::NotJoined, Some("leave"));
-                };
-                self.unhold(&feed);
-                self.app.registry.do_send(Leave {
-                    session_id: self.id,
-                    room,
-                });
+                }
+                self.drop_room(&room, ctx);
             }
             ClientOp::Send { room, text, cid } => {
                 if !self.rooms.contains_key(&room) {
@@ -239,10 +280,12 @@ impl WsSession {
                 if !self.rooms.contains_key(&room) {
                     return self.emit_error(ctx, &ChatError::NotJoined, Some("typing"));
                 }
+                let every = self.app.settings.limits.typing_interval_ms;
                 self.app.registry.do_send(Typing {
                     session_id: self.id,
                     room,
                     user: self.user.clone(),
+                    every: Duration::from_millis(every),
                 });
             }
             ClientOp::History {
@@ -299,15 +342,21 @@ impl WsSession {
     fn join(&mut self, room: String, since: Option<u64>, ctx: &mut WebsocketContext<Self>) {
         let max_rooms = self.app.settings.limits.max_rooms_per_session;
         let joined = self.rooms.len();
-        match self.rooms.get_mut(&room) {
-            Some(feed) => {
+        match self.rooms.get(&room) {
+            Some(_) => {
                 // Joined already: replay again if asked, up to what was
-                // written live, then `joined`.
-                let upto = feed.replay_again();
+                // written live when its turn comes, then `joined`.
                 let members = self.app.registry.send(Members { room: room.clone() });
                 ctx.wait(members.into_actor(self).map(move |members, act, ctx| {
-                    let replay = Replay::new(room, since, upto, members.unwrap_or_default());
-                    act.replay(replay, ctx);
+                    act.queue_replay(
+                        Waiting {
+                            room,
+                            since,
+                            upto: Upto::WrittenLive,
+                            members: members.unwrap_or_default(),
+                        },
+                        ctx,
+                    );
                 }));
             }
             None if joined >= max_rooms => {
@@ -316,20 +365,76 @@ impl WsSession {
             }
             None => {
                 self.rooms.insert(room.clone(), RoomFeed::replaying());
+                let (app, user_id) = (self.app.clone(), self.user.id.clone());
                 let join = self.app.registry.send(Join {
                     session_id: self.id,
                     user: self.user.clone(),
                     room: room.clone(),
                     outbox: self.outbox.clone(),
+                    opening_fee: Box::new(move || pay_for_new_room(&app, &user_id).is_ok()),
                 });
                 // Wait: frames after this join must see it done.
                 ctx.wait(join.into_actor(self).map(move |joined, act, ctx| {
                     let joined = joined.unwrap_or_default();
-                    let replay = Replay::new(room, since, joined.delivered, joined.members);
-                    act.replay(replay, ctx);
+                    if joined.refused {
+                        act.drop_room(&room, ctx);
+                        return act.emit_error(ctx, &ChatError::RateLimited, Some("join"));
+                    }
+                    act.queue_replay(
+                        Waiting {
+                            room,
+                            since,
+                            upto: Upto::Joined(joined.delivered),
+                            members: joined.members,
+                        },
+                        ctx,
+                    );
                 }));
             }
         }
+    }
+
+    /// Queues a join's replay behind those of earlier joins.
+    fn queue_replay(&mut self, join: Waiting, ctx: &mut WebsocketContext<Self>) {
+        self.replays.push(join);
+        self.next_replay(ctx);
+    }
+
+    /// Starts the next waiting replay, unless one is running.
+    fn next_replay(&mut self, ctx: &mut WebsocketContext<Self>) {
+        while let Some((ticket, join)) = self.replays.start_next() {
+            let Some(feed) = self.rooms.get_mut(&join.room) else {
+                self.replays.finish(ticket); // left meanwhile
+                continue;
+            };
+            let upto = match join.upto {
+                Upto::Joined(delivered) => delivered,
+                Upto::WrittenLive => feed.replay_again(),
+            };
+            let replay = Replay::new(ticket, join.room, join.since, upto, join.members);
+            return self.replay(replay, ctx);
+        }
+    }
+
+    /// The replay ended (written, failed, or its room left): the next one
+    /// may start.
+    fn end_replay(&mut self, replay: &Replay, ctx: &mut WebsocketContext<Self>) {
+        self.replays.finish(replay.ticket);
+        self.next_replay(ctx);
+    }
+
+    /// Leaves a room: drops its feed, its held frames and its replays, and
+    /// tells the registry.
+    fn drop_room(&mut self, room: &str, ctx: &mut WebsocketContext<Self>) {
+        if let Some(feed) = self.rooms.remove(room) {
+            self.unhold(&feed);
+        }
+        self.app.registry.do_send(Leave {
+            session_id: self.id,
+            room: room.to_string(),
+        });
+        self.replays.forget(room);
+        self.next_replay(ctx);
     }
 
     /// Takes a join's replay its next step: a page read from the store, or
@@ -338,12 +443,17 @@ impl WsSession {
         match replay.next() {
             Next::Read { after } => {
                 let page = self.app.store.after(&replay.room, after, REPLAY_PAGE);
-                ctx.spawn(page.into_actor(self).map(move |page, act, ctx| match page {
-                    Ok(page) => {
-                        let (page, more) = replay.take_page(page);
-                        act.write_replay(replay, page, more, ctx);
+                ctx.spawn(page.into_actor(self).map(move |page, act, ctx| {
+                    if !act.replays.is_current(replay.ticket) {
+                        return; // its room was left
                     }
-                    Err(e) => act.fail_join(&replay.room, &e, ctx),
+                    match page {
+                        Ok(page) => {
+                            let (page, more) = replay.take_page(page);
+                            act.write_replay(replay, page, more, ctx);
+                        }
+                        Err(e) => act.fail_join(&replay.room, &e, ctx),
+                    }
                 }));
             }
             Next::Join { replayed_to } => self.say_joined(replay, replayed_to, ctx),
@@ -359,8 +469,8 @@ impl WsSession {
         more: bool,
         ctx: &mut WebsocketContext<Self>,
     ) {
-        if !self.rooms.contains_key(&replay.room) {
-            return; // left meanwhile
+        if !self.replays.is_current(replay.ticket) {
+            return; // its room was left
         }
         while self.outbox.has_room() {
             let Some(m) = page.pop_front() else {
@@ -391,20 +501,22 @@ impl WsSession {
         ctx: &mut WebsocketContext<Self>,
     ) {
         let last = self.app.store.last_seq(&replay.room);
-        ctx.spawn(
-            last.into_actor(self)
-                .map(move |last, act, ctx| match (last, replayed_to) {
-                    (Ok(last_seq), _) => {
-                        act.finish_join(replay, replayed_to.unwrap_or(0), last_seq, ctx)
-                    }
-                    (Err(_), Some(cursor)) => act.finish_join(replay, cursor, cursor, ctx),
-                    (Err(e), None) => act.fail_join(&replay.room, &e, ctx),
-                }),
-        );
+        ctx.spawn(last.into_actor(self).map(move |last, act, ctx| {
+            if !act.replays.is_current(replay.ticket) {
+                return; // its room was left
+            }
+            match (last, replayed_to) {
+                (Ok(last_seq), _) => {
+                    act.finish_join(replay, replayed_to.unwrap_or(0), last_seq, ctx)
+                }
+                (Err(_), Some(cursor)) => act.finish_join(replay, cursor, cursor, ctx),
+                (Err(e), None) => act.fail_join(&replay.room, &e, ctx),
+            }
+        }));
     }
 
     /// Writes `joined`, then the live messages held meanwhile that the
-    /// replay did not cover.
+    /// replay did not cover; then the next replay may start.
     fn finish_join(
         &mut self,
         replay: Replay,
@@ -412,11 +524,12 @@ impl WsSession {
         last_seq: u64,
         ctx: &mut WebsocketContext<Self>,
     ) {
-        let Some(feed) = self.rooms.get_mut(&replay.room) else {
-            return; // left meanwhile
+        let Some(mut feed) = self.rooms.remove(&replay.room) else {
+            return self.end_replay(&replay, ctx); // left meanwhile
         };
+        self.unhold(&feed);
         let held = feed.go_live(replayed_to);
-        self.held_bytes = 0;
+        self.rooms.insert(replay.room.clone(), feed);
         let members = if replay.members.is_empty() {
             vec![self.user.clone()]
         } else {
@@ -427,17 +540,13 @@ impl WsSession {
             self.outbox.account(wire_len(frame.len()));
             ctx.text(frame);
         }
+        self.replays.finish(replay.ticket);
+        self.next_replay(ctx);
     }
 
     fn fail_join(&mut self, room: &str, e: &ChatError, ctx: &mut WebsocketContext<Self>) {
         log::warn!("Join of {room} failed: {e:?}.");
-        if let Some(feed) = self.rooms.remove(room) {
-            self.unhold(&feed);
-        }
-        self.app.registry.do_send(Leave {
-            session_id: self.id,
-            room: room.to_string(),
-        });
+        self.drop_room(room, ctx);
         self.emit_error(ctx, e, Some("join"));
     }
 
@@ -463,7 +572,7 @@ impl WsSession {
         }
         let Some(partial) = self.partial.as_mut() else {
             let e = ChatError::bad_request("continuation frame without a first frame");
-            return self.emit_error(ctx, &e, None);
+            return self.refuse_garbage(ctx, &e);
         };
         if partial.data.len() + chunk.len() > max {
             self.partial = None;
@@ -482,7 +591,7 @@ impl WsSession {
                     }
                     Err(_) => {
                         let e = ChatError::bad_request("text is not valid UTF-8");
-                        self.emit_error(ctx, &e, None);
+                        self.refuse_garbage(ctx, &e);
                     }
                 }
             }
@@ -498,7 +607,27 @@ impl WsSession {
 
     fn refuse_binary(&mut self, ctx: &mut WebsocketContext<Self>) {
         let e = ChatError::bad_request("binary frames are not supported: send JSON text");
-        self.emit_error(ctx, &e, None);
+        self.refuse_garbage(ctx, &e);
+    }
+
+    /// Refuses a message that is no frame at all (binary, not UTF-8, a
+    /// stray continuation): it costs a token like any other, so that
+    /// garbage cannot be sent faster than frames.
+    fn refuse_garbage(&mut self, ctx: &mut WebsocketContext<Self>, e: &ChatError) {
+        if !self.charge(1.0, false) {
+            return self.refuse_rate(ctx, None);
+        }
+        self.emit_error(ctx, e, None);
+    }
+
+    /// Answers a WebSocket Ping with a Pong, for `limits.ping_cost` tokens;
+    /// with an empty bucket there is no Pong.
+    fn on_ping(&mut self, payload: &[u8], ctx: &mut WebsocketContext<Self>) {
+        if !self.charge(self.app.settings.limits.ping_cost, false) {
+            return self.refuse_rate(ctx, None);
+        }
+        self.outbox.account(wire_len(payload.len()));
+        ctx.pong(payload);
     }
 }
 
@@ -598,10 +727,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             ws::Message::Text(text) => self.on_text(&text, ctx),
             ws::Message::Binary(_) => self.refuse_binary(ctx),
             ws::Message::Continuation(item) => self.on_continuation(item, ctx),
-            ws::Message::Ping(payload) => {
-                self.outbox.account(wire_len(payload.len()));
-                ctx.pong(&payload);
-            }
+            ws::Message::Ping(payload) => self.on_ping(&payload, ctx),
             ws::Message::Pong(_) | ws::Message::Nop => {}
             ws::Message::Close(reason) => {
                 ctx.close(reason);

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::bearer::bearer_user;
 use crate::actors::app::AppState;
 use crate::actors::registry::ListRooms;
+use crate::actors::session::pay_for_new_room;
 use crate::auth::{new_user_id, unix_now};
 use crate::error::ChatError;
 use crate::protocol::{
@@ -90,7 +91,8 @@ pub(super) struct PostBody {
 }
 
 /// `POST /rooms/{room}/messages`: posts like `send`, answers 201 with the
-/// stored message once it is durable.
+/// stored message once it is durable. A post into a room without messages
+/// opens it, and costs what opening a room costs.
 pub(super) async fn post_message(
     req: HttpRequest,
     path: web::Path<String>,
@@ -109,6 +111,10 @@ pub(super) async fn post_message(
     validate_text(&text, app.settings.limits.max_text_chars)?;
     if app.draining.load(Relaxed) {
         return Err(ChatError::Unavailable("the node is shutting down".into()));
+    }
+    // The first message opens the room: charged like a `join` that does.
+    if app.store.last_seq(&room).await? == 0 && pay_for_new_room(&app, &user.id).is_err() {
+        return Err(ChatError::RateLimited);
     }
     let accepted = app
         .store
