@@ -134,6 +134,8 @@ async fn user_rate_limit_spans_connections_and_rest() {
     let node = TestNode::start(NodeOpts {
         user_rate_per_sec: 0.01,
         user_rate_burst: 4,
+        // The rooms here are opened free: this test counts the frames alone.
+        room_create_cost: 0,
         ..NodeOpts::default()
     })
     .await;
@@ -193,6 +195,8 @@ async fn rest_posts_are_rate_limited_per_user_with_429() {
     let node = TestNode::start(NodeOpts {
         user_rate_per_sec: 0.01,
         user_rate_burst: 3,
+        // The rooms here are opened free: this test counts the posts alone.
+        room_create_cost: 0,
         ..NodeOpts::default()
     })
     .await;
