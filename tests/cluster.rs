@@ -1280,10 +1280,13 @@ async fn a_cid_accepted_before_redis_lost_the_room_is_recognised() {
     }
     cluster.wait_stored(&room, cids.len()).await;
 
-    // Redis loses the room.
+    // Redis loses the room, its cid buckets (for the nodes' default cid
+    // lifetime, 7 days) included.
     let mut redis = cluster.opts.redis().await;
+    let buckets = keys::live_cid_buckets(&room, now_ms() as u64 / 1000, 7 * 24 * 3600);
     let _: () = redis::cmd("DEL")
         .arg(&keys::of_room(&room)[..])
+        .arg(&buckets)
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -1308,15 +1311,17 @@ async fn a_cid_accepted_before_redis_lost_the_room_is_recognised() {
 
     // A room whose cids were not all taken back: the memory of a cid is
     // gone, the room is recovering, and the accept asks MongoDB.
-    let _: () = redis::cmd("HDEL")
-        .arg(keys::cids(&room))
-        .arg(format!(
-            "{}:before-1",
-            ann.welcome["user"]["id"].as_str().unwrap()
-        ))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    for bucket in &buckets {
+        let _: () = redis::cmd("HDEL")
+            .arg(bucket)
+            .arg(format!(
+                "{}:before-1",
+                ann.welcome["user"]["id"].as_str().unwrap()
+            ))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
     let _: () = redis::cmd("SET")
         .arg(keys::recovering(&room))
         .arg(1)

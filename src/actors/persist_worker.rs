@@ -100,7 +100,7 @@ impl Worker {
             batch_size: cluster.mongo.batch_size.max(1),
             mongo,
             redis,
-            scripts: Scripts::default(),
+            scripts: Scripts::new(cluster.redis.room_idle_ttl_secs),
             metrics,
             lag,
             lag_measured: Instant::now(),

@@ -31,7 +31,8 @@ use super::kafka_scan::TailScan;
 use super::mongo::MongoStore;
 use super::redis::{Publish, RedisConn};
 use super::scripts::{
-    cid_field, published_value, Accept, AcceptedCid, DeliverArgs, Delivery, Scripts, Stamp,
+    cid_field, published_value, Accept, AcceptedCid, DeliverArgs, Delivery, Remembered, Scripts,
+    Stamp,
 };
 use super::{
     keys, Accepted, DependencyStatus, DurableLog, MessageStore, NewMessage, Page, HOLD_BACK,
@@ -107,9 +108,9 @@ impl ClusterStore {
                 log,
                 mongo,
                 scan: TailScan::new(kafka),
+                scripts: Scripts::new(settings.room_idle_ttl_secs),
                 settings,
                 node_id,
-                scripts: Scripts::default(),
                 seeding: std::sync::Mutex::new(HashMap::new()),
             }),
         }
@@ -125,15 +126,16 @@ impl Inner {
         let ts = crate::protocol::now_ms();
         let ttl = self.settings.cid_ttl_secs;
         let room = msg.room.as_str();
+        let text = msg.text.as_str();
         let mut accepted = self
             .scripts
-            .accept(&mut conn, room, &field, &id, ts, ttl)
+            .accept(&mut conn, room, &field, &id, ts, text, ttl)
             .await?;
         if accepted == Accept::Unseeded {
             self.seed_room(room).await?;
             accepted = self
                 .scripts
-                .accept(&mut conn, room, &field, &id, ts, ttl)
+                .accept(&mut conn, room, &field, &id, ts, text, ttl)
                 .await?;
         }
         // On a cluster, the accepted seq and cid must reach a replica before
@@ -146,17 +148,23 @@ impl Inner {
                 Recovered::Stored(message) => return Ok(Accepted::earlier(message)),
                 Recovered::New(stamp) => (stamp, false),
             },
-            Accept::Pending(stamp) => (stamp, true),
+            // A retry with another text must not be produced under the
+            // first attempt's id: it waits for that attempt instead.
+            Accept::Pending(prior) if prior.same_text(&msg.text) == Some(false) => {
+                let message = self.first_attempt(msg, &field).await?;
+                return Ok(Accepted::earlier(message));
+            }
+            Accept::Pending(prior) => (prior.stamp, true),
             // A repeated cid that was published: it is durable and the
-            // answer is its id and seq.
-            Accept::Published(stamp) => {
-                return Ok(Accepted::earlier(message_of(msg, stamp)));
+            // answer is the stored message.
+            Accept::Published(prior) => {
+                return Ok(Accepted::earlier(self.stored(msg, prior).await?));
             }
             // One published under a new seq is produced once more: the
             // attempt that did so may have ended before Kafka confirmed
             // the new seq.
-            Accept::Resequenced(stamp) => {
-                let message = message_of(msg, stamp);
+            Accept::Resequenced(prior) => {
+                let message = self.stored(msg, prior).await?;
                 self.produce(&message).await?;
                 return Ok(Accepted::earlier(message));
             }
@@ -168,9 +176,10 @@ impl Inner {
         };
         let mut message = message_of(msg, stamp);
         // New, or a repeated cid none of whose attempts was published yet
-        // (one may still be on its way, have failed, or its node died): it
-        // is produced with the first attempt's id and seq. MongoDB keeps
-        // one document per id, and the deliver script publishes a cid once.
+        // (one may still be on its way, have failed, or its node died), with
+        // the same text (or one remembered without a digest): it is
+        // produced with the first attempt's id and seq. MongoDB keeps one
+        // document per id, and the deliver script publishes a cid once.
         self.produce(&message).await?;
         match self.deliver_within(&message, DELIVER_WAIT).await {
             Ok(Delivery::Published) => Ok(Accepted {
@@ -209,6 +218,59 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// The message a published cid stands for, as stored: a retry is
+    /// answered with it, whatever text the retry carries. Built from the
+    /// retry when its text is the one remembered; otherwise read from the
+    /// recent cache (by the remembered seq), or else from MongoDB. If
+    /// neither holds it yet, the answer is `unavailable`: the retry learns
+    /// it later.
+    async fn stored(&self, msg: NewMessage, prior: Remembered) -> Result<ChatMessage, ChatError> {
+        if prior.same_text(&msg.text) == Some(true) {
+            return Ok(message_of(msg, prior.stamp));
+        }
+        let room = msg.room.as_str();
+        let seq = prior.stamp.seq;
+        let cached = self.cached(room, seq, seq, 1, false).await?;
+        if let Some(found) = cached.into_iter().find(|m| m.id == prior.stamp.id) {
+            return Ok(found);
+        }
+        match self.mongo.find_by_cid(room, &msg.user.id, &msg.cid).await? {
+            // Stored maybe under its first seq still: the remembered one is
+            // its final seq.
+            Some(found) if found.id == prior.stamp.id => Ok(ChatMessage { seq, ..found }),
+            Some(found) => Ok(found),
+            None => Err(ChatError::Unavailable(format!(
+                "message {} of {room} is published but not readable yet",
+                prior.stamp.id
+            ))),
+        }
+    }
+
+    /// A retry whose text differs from its pending first attempt's: it
+    /// waits (up to `DELIVER_WAIT`) for that attempt to be published and
+    /// answers it, or answers `unavailable` so that the client asks again
+    /// later. It never produces its own text under the first attempt's id.
+    async fn first_attempt(&self, msg: NewMessage, field: &str) -> Result<ChatMessage, ChatError> {
+        let pauses = (Duration::from_millis(100), Duration::from_secs(1));
+        let ttl = self.settings.cid_ttl_secs;
+        let published = with_backoff(pauses, DELIVER_WAIT, || async {
+            let mut conn = self.redis.clone();
+            match self
+                .scripts
+                .recall(&mut conn, &msg.room, field, ttl)
+                .await?
+            {
+                Some(Accept::Published(prior) | Accept::Resequenced(prior)) => Ok(prior),
+                _ => Err(ChatError::Unavailable(format!(
+                    "an earlier attempt of cid {} with another text is not published yet",
+                    msg.cid
+                ))),
+            }
+        })
+        .await?;
+        self.stored(msg, published).await
     }
 
     /// Step (3), retried with backoff for up to `wait`: the sender waits
@@ -374,8 +436,10 @@ impl Inner {
 
     /// Writes durable cids back into a room's cid memory, as published
     /// (each is durable, and reaches history), under the highest seq each
-    /// was stored or logged with; with `recovering`, also marks the room so
-    /// that a cid new to Redis is looked up in MongoDB first.
+    /// was stored or logged with, each in the bucket of its first
+    /// acceptance (its ts) unless that bucket has expired; with
+    /// `recovering`, also marks the room so that a cid new to Redis is
+    /// looked up in MongoDB first.
     ///
     /// A cid the room knows already is left as it is (`HSETNX`): another
     /// node may have seeded the room first and accepted messages that are
@@ -397,17 +461,30 @@ impl Inner {
                 *stamp = &t.stamp;
             }
         }
+        let now = crate::protocol::now_ms();
+        let now_secs = u64::try_from(now / 1000).unwrap_or(0);
         let mut conn = self.redis.clone();
         let mut pipe = redis::pipe();
         if recovering {
-            pipe.set_ex(keys::recovering(room), crate::protocol::now_ms(), ttl)
-                .ignore();
+            pipe.set_ex(keys::recovering(room), now, ttl).ignore();
         }
+        let mut buckets: HashMap<String, u64> = HashMap::new();
         for (field, stamp) in latest {
-            pipe.hset_nx(keys::cids(room), field, published_value(stamp))
+            let at_secs = u64::try_from(stamp.ts / 1000).unwrap_or(0);
+            let (bucket, expires_at) = keys::cid_bucket_at(room, at_secs, ttl);
+            if expires_at <= now_secs {
+                continue; // remembered long enough already
+            }
+            pipe.hset_nx(&bucket, field, published_value(stamp))
                 .ignore();
+            buckets.insert(bucket, expires_at);
         }
-        pipe.expire(keys::cids(room), ttl as i64).ignore();
+        if buckets.is_empty() && !recovering {
+            return Ok(()); // nothing left to remember
+        }
+        for (bucket, expires_at) in buckets {
+            pipe.expire_at(bucket, expires_at as i64).ignore();
+        }
         let _: () = pipe
             .query_async(&mut conn)
             .await
@@ -418,7 +495,8 @@ impl Inner {
     /// A cid new to a recovering room: the message MongoDB holds for it,
     /// remembered again as published, or, if MongoDB has none, the new
     /// stamp to go on with. If MongoDB cannot answer, the cid is forgotten
-    /// again, so that the sender's retry looks once more.
+    /// again, so that the sender's retry looks once more. Either change is
+    /// made where `accept.lua` just wrote the cid: the bucket of `stamp`.
     async fn accepted_before(
         &self,
         msg: &NewMessage,
@@ -427,6 +505,8 @@ impl Inner {
     ) -> Result<Recovered, ChatError> {
         let mut conn = self.redis.clone();
         let room = msg.room.as_str();
+        let at_secs = u64::try_from(stamp.ts / 1000).unwrap_or(0);
+        let (bucket, _) = keys::cid_bucket_at(room, at_secs, self.settings.cid_ttl_secs);
         match self.mongo.find_by_cid(room, &msg.user.id, &msg.cid).await {
             Ok(None) => Ok(Recovered::New(stamp)),
             Ok(Some(stored)) => {
@@ -436,7 +516,7 @@ impl Inner {
                     ts: stored.ts,
                 };
                 let _: () = conn
-                    .hset(keys::cids(room), field, published_value(&earlier))
+                    .hset(&bucket, field, published_value(&earlier))
                     .await
                     .map_err(unavailable("redis"))?;
                 log::info!(
@@ -447,7 +527,7 @@ impl Inner {
                 Ok(Recovered::Stored(stored))
             }
             Err(e) => {
-                let forgot: redis::RedisResult<()> = conn.hdel(keys::cids(room), field).await;
+                let forgot: redis::RedisResult<()> = conn.hdel(&bucket, field).await;
                 if let Err(forget) = forgot {
                     log::warn!(
                         "Room {room}: a cid could not be forgotten after a failed check: {forget}."
@@ -552,7 +632,8 @@ impl Inner {
     }
 
     /// Refills an empty recent cache from MongoDB (after Redis lost its
-    /// data, or for a room that was quiet longer than the cache lived).
+    /// data, or for a room that was quiet longer than the cache lived). The
+    /// refill lives as long as an idle room's keys.
     async fn warm(&self, room: &str) -> Result<(), ChatError> {
         let mut conn = self.redis.clone();
         let cached: u64 = conn
@@ -572,6 +653,9 @@ impl Inner {
             let json = serde_json::to_string(m).map_err(|e| ChatError::Internal(e.to_string()))?;
             pipe.zadd(keys::recent(room), json, m.seq).ignore();
         }
+        let idle = self.scripts.room_idle_ttl_secs();
+        pipe.expire(keys::recent(room), i64::try_from(idle).unwrap_or(i64::MAX))
+            .ignore();
         let _: () = pipe
             .query_async(&mut conn)
             .await

@@ -11,11 +11,49 @@ pub fn seq(room: &str) -> String {
     format!("chat:{{{room}}}:seq")
 }
 
-/// Hash of accepted cids: field `<user id>:<cid>`, value `<seq> <id> <ts>`
-/// while the message is on its way, with ` d` appended once it was
-/// published, or ` r` when it was published under a new seq (the value's).
+/// The room's cids as nodes kept them before the time buckets
+/// ([`cid_bucket`]): one hash whose expiry every message pushed, so that an
+/// active room never forgot a cid. Still read, so that a rolling upgrade
+/// recognises the cids the older nodes accepted, and updated in place for
+/// those; never created. It expires on its own, `cid_ttl_secs` after the
+/// last older node wrote it.
 pub fn cids(room: &str) -> String {
     format!("chat:{{{room}}}:cids")
+}
+
+/// Hash of the cids first accepted in the `n`th span of
+/// [`cid_bucket_secs`] seconds since the epoch: field `<user id>:<cid>`,
+/// value `<seq> <id> <ts> <digest>` while the message is on its way (the
+/// digest of its text, see `scripts::text_digest`), with ` d` appended once
+/// it was published, or ` r` when it was published under a new seq (the
+/// value's). A cid stays in the bucket of its first acceptance.
+pub fn cid_bucket(room: &str, n: u64) -> String {
+    format!("chat:{{{room}}}:cids:{n}")
+}
+
+/// Seconds of first acceptances one cid bucket holds: half a cid's
+/// lifetime (at least 1 s). A bucket expires `ttl_secs` after its span
+/// ends, so every cid in it is remembered at least `ttl_secs` and at most
+/// `ttl_secs` plus one span, whatever the room does meanwhile.
+pub fn cid_bucket_secs(ttl_secs: u64) -> u64 {
+    ttl_secs.div_ceil(2).max(1)
+}
+
+/// The bucket of the cids first accepted at `at_secs`, and when it expires
+/// (s since the epoch).
+pub fn cid_bucket_at(room: &str, at_secs: u64, ttl_secs: u64) -> (String, u64) {
+    let span = cid_bucket_secs(ttl_secs);
+    let n = at_secs / span;
+    (cid_bucket(room, n), (n + 1) * span + ttl_secs)
+}
+
+/// Every bucket that may still hold a cid remembered at `now_secs`, newest
+/// first: those whose expiry is still ahead.
+pub fn live_cid_buckets(room: &str, now_secs: u64, ttl_secs: u64) -> Vec<String> {
+    let span = cid_bucket_secs(ttl_secs);
+    let first = now_secs.saturating_sub(ttl_secs) / span;
+    let last = now_secs / span;
+    (first..=last).rev().map(|n| cid_bucket(room, n)).collect()
 }
 
 /// Sorted set of the seqs published lately (score = seq, member =
@@ -58,7 +96,9 @@ pub fn room_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix("chat:{")?.strip_suffix("}:events")
 }
 
-/// Every key of one room (not its channel): what removing a room removes.
+/// Every key of one room with a fixed name (not its channel): with the
+/// cid buckets ([`live_cid_buckets`], or every key matching
+/// `chat:{room}:cids:*`), what removing a room removes.
 pub fn of_room(room: &str) -> [String; 7] {
     [
         seq(room),
@@ -92,5 +132,37 @@ mod tests {
         assert_eq!(room_of_channel(&channel("lobby-1")), Some("lobby-1"));
         assert_eq!(room_of_channel("chat:{lobby}:seq"), None);
         assert_eq!(room_of_channel("other"), None);
+    }
+
+    #[test]
+    fn a_cid_is_remembered_between_one_and_one_and_a_half_lifetimes() {
+        let ttl = 4;
+        for at in 100..110 {
+            let (bucket, expires) = cid_bucket_at("r", at, ttl);
+            assert!(expires >= at + ttl, "{at}: gone at {expires}");
+            assert!(
+                expires <= at + ttl + cid_bucket_secs(ttl),
+                "{at}: {expires}"
+            );
+            // Looked up in every second of its life, and not after.
+            for now in at..expires {
+                assert!(
+                    live_cid_buckets("r", now, ttl).contains(&bucket),
+                    "{at} {now}"
+                );
+            }
+            assert!(!live_cid_buckets("r", expires, ttl).contains(&bucket));
+        }
+    }
+
+    #[test]
+    fn a_room_looks_in_a_few_buckets_at_most() {
+        for ttl in [1, 2, 3, 4, 5, 604_800] {
+            for now in [0, 1, 7, 1_000_003, 1_767_268_800] {
+                let live = live_cid_buckets("r", now, ttl);
+                assert!((1..=3).contains(&live.len()), "{ttl} {now}: {live:?}");
+                assert_eq!(live[0], cid_bucket_at("r", now, ttl).0);
+            }
+        }
     }
 }

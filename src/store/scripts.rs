@@ -38,6 +38,44 @@ impl Stamp {
     }
 }
 
+/// What a room remembers of a repeated cid: the stamp of its first
+/// attempt and, unless an older node remembered it, the digest of that
+/// attempt's text ([`text_digest`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    pub stamp: Stamp,
+    pub digest: Option<String>,
+}
+
+impl Remembered {
+    /// Reads `<seq> <id> <ts>`, followed by ` <digest>` when there is one.
+    fn parse(text: &str) -> Result<Remembered, ChatError> {
+        let (stamp, digest) = match text.rsplit_once(' ') {
+            Some((head, digest)) if head.matches(' ').count() == 2 => (head, Some(digest)),
+            _ => (text, None),
+        };
+        Ok(Remembered {
+            stamp: Stamp::parse(stamp)?,
+            digest: digest.map(str::to_string),
+        })
+    }
+
+    /// Whether `text` is the text of the first attempt; `None` when the
+    /// cid was remembered without a digest.
+    pub fn same_text(&self, text: &str) -> Option<bool> {
+        self.digest.as_ref().map(|d| *d == text_digest(text))
+    }
+}
+
+/// A short digest of a message's text, remembered with its cid: 16 hex
+/// digits of its SHA-256. A retry with another text under the same cid is
+/// then told apart from a plain retry without reading the message.
+pub fn text_digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(text.as_bytes());
+    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 /// A cid a room accepted, without the message's text: what the room needs
 /// to recognise it again after Redis lost it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,11 +96,11 @@ pub enum Accept {
     Unverified(Stamp),
     /// A repeated cid none of whose attempts was published yet (one may
     /// still be on its way, have failed, or its node died).
-    Pending(Stamp),
+    Pending(Remembered),
     /// A repeated cid, published under its own seq.
-    Published(Stamp),
+    Published(Remembered),
     /// A repeated cid, published under a new seq (the stamp's).
-    Resequenced(Stamp),
+    Resequenced(Remembered),
     /// The room has no seq in Redis: seed it, then accept again.
     Unseeded,
 }
@@ -94,7 +132,7 @@ pub struct DeliverArgs<'a> {
     pub publish: Publish,
 }
 
-/// The value a room's cid hash holds for a cid published under `stamp`
+/// The value a room's cid memory holds for a cid published under `stamp`
 /// (the form `accept.lua` and `deliver.lua` read: `<seq> <id> <ts> d`).
 pub fn published_value(stamp: &Stamp) -> String {
     format!("{} {} {} d", stamp.seq, stamp.id, stamp.ts)
@@ -105,24 +143,51 @@ pub fn cid_field(user_id: &str, cid: &str) -> String {
     format!("{user_id}:{cid}")
 }
 
+/// Where one script call looks for a cid: the bucket a cid first accepted
+/// at `at_ms` goes to (first, with its expiry), then the other buckets live
+/// at `now_ms`, then the hash of older nodes.
+struct CidPlaces {
+    keys: Vec<String>,
+    home_expires_at: u64,
+}
+
+impl CidPlaces {
+    fn new(room: &str, at_ms: i64, now_ms: i64, ttl_secs: u64) -> CidPlaces {
+        let secs = |ms: i64| u64::try_from(ms / 1000).unwrap_or(0);
+        let (home, home_expires_at) = keys::cid_bucket_at(room, secs(at_ms), ttl_secs);
+        let mut keys = vec![home];
+        for bucket in keys::live_cid_buckets(room, secs(now_ms), ttl_secs) {
+            if bucket != keys[0] {
+                keys.push(bucket);
+            }
+        }
+        keys.push(keys::cids(room));
+        CidPlaces {
+            keys,
+            home_expires_at,
+        }
+    }
+}
+
 /// The scripts, hashed once; `EVALSHA` loads a script a server lacks.
 pub struct Scripts {
     accept: Script,
+    recall: Script,
     seed: Script,
     deliver: Script,
     open_gap: Script,
     raise_watermark: Script,
+    /// How long a room's keys outlive its last message
+    /// (`redis.room_idle_ttl_secs`).
+    room_idle_ttl_secs: u64,
 }
+
+/// The default of `redis.room_idle_ttl_secs`, for [`Scripts::default`].
+const DEFAULT_ROOM_IDLE_TTL_SECS: u64 = 30 * 24 * 3600;
 
 impl Default for Scripts {
     fn default() -> Self {
-        Self {
-            accept: Script::new(include_str!("lua/accept.lua")),
-            seed: Script::new(include_str!("lua/seed.lua")),
-            deliver: Script::new(include_str!("lua/deliver.lua")),
-            open_gap: Script::new(include_str!("lua/open_gap.lua")),
-            raise_watermark: Script::new(include_str!("lua/raise_watermark.lua")),
-        }
+        Self::new(DEFAULT_ROOM_IDLE_TTL_SECS)
     }
 }
 
@@ -131,8 +196,24 @@ fn redis_error(e: redis::RedisError) -> ChatError {
 }
 
 impl Scripts {
-    /// Accepts a message of `room` for `field` ([`cid_field`]), giving it
-    /// `id` and `ts` if it is new.
+    /// The scripts for rooms whose keys leave Redis `room_idle_ttl_secs`
+    /// after their last message.
+    pub fn new(room_idle_ttl_secs: u64) -> Self {
+        Self {
+            accept: Script::new(include_str!("lua/accept.lua")),
+            recall: Script::new(include_str!("lua/recall.lua")),
+            seed: Script::new(include_str!("lua/seed.lua")),
+            deliver: Script::new(include_str!("lua/deliver.lua")),
+            open_gap: Script::new(include_str!("lua/open_gap.lua")),
+            raise_watermark: Script::new(include_str!("lua/raise_watermark.lua")),
+            room_idle_ttl_secs,
+        }
+    }
+
+    /// Accepts a message of `room` with `text` for `field` ([`cid_field`]),
+    /// giving it `id` and `ts` if it is new; the cid is then remembered for
+    /// `cid_ttl_secs` to 1.5 times that (see [`keys::cid_bucket_secs`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn accept(
         &self,
         conn: &mut impl ConnectionLike,
@@ -140,21 +221,55 @@ impl Scripts {
         field: &str,
         id: &str,
         ts: i64,
+        text: &str,
         cid_ttl_secs: u64,
     ) -> Result<Accept, ChatError> {
+        let places = CidPlaces::new(room, ts, ts, cid_ttl_secs);
         let reply: Vec<String> = self
             .accept
             .key(keys::seq(room))
-            .key(keys::cids(room))
             .key(keys::recovering(room))
+            .key(&places.keys)
             .arg(field)
             .arg(id)
             .arg(ts)
-            .arg(cid_ttl_secs)
+            .arg(text_digest(text))
+            .arg(places.home_expires_at)
+            .arg(self.room_idle_ttl_secs)
             .invoke_async(conn)
             .await
             .map_err(redis_error)?;
         decode_accept(&reply)
+    }
+
+    /// What `room` remembers of `field` now, changing nothing: `Pending`,
+    /// `Published` or `Resequenced`, or `None` when it does not remember
+    /// the cid.
+    pub async fn recall(
+        &self,
+        conn: &mut impl ConnectionLike,
+        room: &str,
+        field: &str,
+        cid_ttl_secs: u64,
+    ) -> Result<Option<Accept>, ChatError> {
+        let now = crate::protocol::now_ms();
+        let places = CidPlaces::new(room, now, now, cid_ttl_secs);
+        let reply: Vec<String> = self
+            .recall
+            .key(&places.keys)
+            .arg(field)
+            .invoke_async(conn)
+            .await
+            .map_err(redis_error)?;
+        if reply.first().map(String::as_str) == Some("forgotten") {
+            return Ok(None);
+        }
+        match decode_accept(&reply)? {
+            repeat @ (Accept::Pending(_) | Accept::Published(_) | Accept::Resequenced(_)) => {
+                Ok(Some(repeat))
+            }
+            _ => Err(unexpected("recall.lua", &reply)),
+        }
     }
 
     /// Raises a room's seq to at least `floor`.
@@ -167,6 +282,7 @@ impl Scripts {
         self.seed
             .key(keys::seq(room))
             .arg(floor)
+            .arg(self.room_idle_ttl_secs)
             .invoke_async(conn)
             .await
             .map_err(redis_error)
@@ -179,13 +295,15 @@ impl Scripts {
         args: DeliverArgs<'_>,
     ) -> Result<Delivery, ChatError> {
         let m = args.message;
+        let now = crate::protocol::now_ms();
+        let places = CidPlaces::new(&m.room, m.ts, now, args.cid_ttl_secs);
         let reply: Vec<String> = self
             .deliver
             .key(keys::recent(&m.room))
             .key(keys::persisted(&m.room))
             .key(keys::seq(&m.room))
-            .key(keys::cids(&m.room))
             .key(keys::published(&m.room))
+            .key(&places.keys)
             .arg(m.seq)
             .arg(args.message_json)
             .arg(args.event_json)
@@ -196,8 +314,10 @@ impl Scripts {
             .arg(&m.id)
             .arg(m.ts)
             .arg(args.late_ms)
-            .arg(args.cid_ttl_secs)
+            .arg(places.home_expires_at)
             .arg(args.publish.command())
+            .arg(text_digest(&m.text))
+            .arg(self.room_idle_ttl_secs)
             .invoke_async(conn)
             .await
             .map_err(redis_error)?;
@@ -229,9 +349,15 @@ impl Scripts {
         self.raise_watermark
             .key(keys::persisted(room))
             .arg(seq)
+            .arg(self.room_idle_ttl_secs)
             .invoke_async(conn)
             .await
             .map_err(redis_error)
+    }
+
+    /// How long a room's keys outlive its last message.
+    pub fn room_idle_ttl_secs(&self) -> u64 {
+        self.room_idle_ttl_secs
     }
 }
 
@@ -240,16 +366,15 @@ fn unexpected(script: &str, reply: &[String]) -> ChatError {
 }
 
 fn decode_accept(reply: &[String]) -> Result<Accept, ChatError> {
-    let stamp = || match reply.get(1) {
-        Some(text) => Stamp::parse(text),
-        None => Err(unexpected("accept.lua", reply)),
-    };
+    let text = || reply.get(1).ok_or_else(|| unexpected("accept.lua", reply));
+    let stamp = || Stamp::parse(text()?);
+    let prior = || Remembered::parse(text()?);
     match reply.first().map(String::as_str) {
         Some("new") => Ok(Accept::New(stamp()?)),
         Some("unverified") => Ok(Accept::Unverified(stamp()?)),
-        Some("pending") => Ok(Accept::Pending(stamp()?)),
-        Some("published") => Ok(Accept::Published(stamp()?)),
-        Some("resequenced") => Ok(Accept::Resequenced(stamp()?)),
+        Some("pending") => Ok(Accept::Pending(prior()?)),
+        Some("published") => Ok(Accept::Published(prior()?)),
+        Some("resequenced") => Ok(Accept::Resequenced(prior()?)),
         Some("unseeded") => Ok(Accept::Unseeded),
         _ => Err(unexpected("accept.lua", reply)),
     }
@@ -284,17 +409,29 @@ mod tests {
             id: "01J".into(),
             ts: 1700,
         };
+        let prior = Remembered {
+            stamp: stamp.clone(),
+            digest: None,
+        };
         let cases = [
             ("new", Accept::New(stamp.clone())),
             ("unverified", Accept::Unverified(stamp.clone())),
-            ("pending", Accept::Pending(stamp.clone())),
-            ("published", Accept::Published(stamp.clone())),
-            ("resequenced", Accept::Resequenced(stamp.clone())),
+            ("pending", Accept::Pending(prior.clone())),
+            ("published", Accept::Published(prior.clone())),
+            ("resequenced", Accept::Resequenced(prior.clone())),
         ];
         for (word, expected) in cases {
             let reply = words(&[word, "7 01J 1700"]);
             assert_eq!(decode_accept(&reply).ok(), Some(expected), "{word}");
         }
+        let with_digest = Remembered {
+            stamp: stamp.clone(),
+            digest: Some("0123456789abcdef".into()),
+        };
+        assert_eq!(
+            decode_accept(&words(&["pending", "7 01J 1700 0123456789abcdef"])).ok(),
+            Some(Accept::Pending(with_digest))
+        );
         assert_eq!(
             decode_accept(&words(&["unseeded"])).ok(),
             Some(Accept::Unseeded)
@@ -309,6 +446,9 @@ mod tests {
             words(&["new", "7 01J"]),
             words(&["new", "x 01J 1700"]),
             words(&["maybe", "7 01J 1700"]),
+            words(&["new", "7 01J 1700 0123456789abcdef"]),
+            words(&["pending", "7 01J x 0123456789abcdef"]),
+            words(&["pending", "7 01J 1700 abc def"]),
         ] {
             assert!(
                 matches!(decode_accept(&reply), Err(ChatError::Internal(_))),
@@ -339,6 +479,7 @@ mod tests {
     fn every_script_names_its_keys_and_args_in_a_header() {
         for (name, text) in [
             ("accept", include_str!("lua/accept.lua")),
+            ("recall", include_str!("lua/recall.lua")),
             ("seed", include_str!("lua/seed.lua")),
             ("deliver", include_str!("lua/deliver.lua")),
             ("open_gap", include_str!("lua/open_gap.lua")),
@@ -361,5 +502,20 @@ mod tests {
         let value = published_value(&stamp);
         assert!(value.ends_with(" d"));
         assert_eq!(Stamp::parse(&value[..value.len() - 2]).ok(), Some(stamp));
+    }
+
+    #[test]
+    fn a_digest_tells_texts_apart_and_is_absent_from_older_values() {
+        let digest = text_digest("first");
+        assert_eq!(digest.len(), 16);
+        assert!(digest.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(digest, text_digest("first"));
+        assert_ne!(digest, text_digest("second"));
+        let remembered = Remembered::parse(&format!("3 01J 1700 {digest}")).ok();
+        let same = |text| remembered.as_ref().map(|r| r.same_text(text));
+        assert_eq!(same("first"), Some(Some(true)));
+        assert_eq!(same("second"), Some(Some(false)));
+        let older = Remembered::parse("3 01J 1700").ok();
+        assert_eq!(older.map(|r| r.same_text("first")), Some(None));
     }
 }

@@ -271,8 +271,9 @@ database = "{database}"
     }
 }
 
-/// Removes what a test left in Redis: the keys of its rooms and the traces
-/// of its nodes. One command at a time: on a cluster they live in
+/// Removes what a test left in Redis: the keys of its rooms (their cid
+/// buckets for the nodes' default cid lifetime, 7 days, included) and the
+/// traces of its nodes. One command at a time: on a cluster they live in
 /// different slots, which one pipeline cannot span.
 pub async fn forget_in_redis<'a>(
     conn: &mut RedisConn,
@@ -280,9 +281,11 @@ pub async fn forget_in_redis<'a>(
     nodes: impl IntoIterator<Item = &'a str>,
 ) -> redis::RedisResult<()> {
     use scalable_chat::store::keys;
+    let now_secs = scalable_chat::protocol::now_ms() as u64 / 1000;
     for room in rooms {
         redis::cmd("DEL")
             .arg(&keys::of_room(room)[..])
+            .arg(keys::live_cid_buckets(room, now_secs, 7 * 24 * 3600))
             .query_async::<()>(conn)
             .await?;
         redis::cmd("SREM")

@@ -5,9 +5,13 @@
 --          scored by seq                                   (keys::recent)
 -- KEYS[2]  the highest seq MongoDB holds                   (keys::persisted)
 -- KEYS[3]  the room's seq                                  (keys::seq)
--- KEYS[4]  the room's accepted cids, a hash                (keys::cids)
--- KEYS[5]  the room's recently published seqs, a sorted set of
+-- KEYS[4]  the room's recently published seqs, a sorted set of
 --          `<seq>:<ms since the epoch>` scored by seq      (keys::published)
+-- KEYS[5]  the cid bucket of the message's ts, where its cid goes if no
+--          other place remembers it                  (keys::cid_bucket_at)
+-- KEYS[6…] every other place the cid may be remembered: the other live
+--          buckets (keys::live_cid_buckets) and the hash of older nodes
+--          (keys::cids)
 -- ARGV[1]  the message's seq
 -- ARGV[2]  the message as JSON (cached)
 -- ARGV[3]  the channel event carrying it, as JSON (published)
@@ -19,10 +23,12 @@
 -- ARGV[9]  the message's ts
 -- ARGV[10] late: how long ago a higher seq may have been published for
 --          this one to still go out under its own seq (ms)
--- ARGV[11] how long the room remembers its cids (s)
+-- ARGV[11] when the bucket KEYS[5] expires (s since the epoch)
 -- ARGV[12] the publish command: PUBLISH on one server, SPUBLISH on a
 --          cluster (the channel is in the room's slot, so the shard that
 --          runs the script is the one that carries it)
+-- ARGV[13] the digest of the message's text (scripts::text_digest)
+-- ARGV[14] how long an idle room's keys live (s)
 --
 -- - An attempt of a cid that was published already publishes nothing. If
 --   it went out under a new seq, the reply says so: the attempt that
@@ -35,6 +41,12 @@
 -- - The cache is trimmed to its size, but never within the margin of the
 --   highest seq MongoDB holds: seqs reach Kafka slightly out of order
 --   across nodes, so a lower seq may still be on its way to MongoDB.
+-- - A cid's marks are written where the cid was found (its bucket, or the
+--   hash of older nodes), so that it expires with its first acceptance.
+-- - A published message pushes the expiry of the cache by the idle time,
+--   and of the published window by 10 minutes at most (the idle time if
+--   shorter). The seq's is pushed by accept.lua, the persisted
+--   watermark's by raise_watermark.lua.
 --
 -- Reply, decoded by `scripts::Delivery`:
 --   {'published', seq}    published under its own seq
@@ -43,7 +55,15 @@
 --                         this attempt or an earlier one)
 
 local seq = tonumber(ARGV[1])
-local prior = redis.call('HGET', KEYS[4], ARGV[7])
+local place = nil
+local prior = nil
+for i = 5, #KEYS do
+  prior = redis.call('HGET', KEYS[i], ARGV[7])
+  if prior then
+    place = KEYS[i]
+    break
+  end
+end
 if prior then
   local mark = string.sub(prior, -2)
   if mark == ' d' then
@@ -52,21 +72,29 @@ if prior then
     return {'resequenced', tonumber(string.match(prior, '^%d+'))}
   end
 end
-local tail = ' ' .. ARGV[8] .. ' ' .. ARGV[9]
+local function remember(value)
+  if place then
+    redis.call('HSET', place, ARGV[7], value)
+  else
+    redis.call('HSET', KEYS[5], ARGV[7], value)
+    redis.call('EXPIREAT', KEYS[5], ARGV[11])
+  end
+end
+local tail = ' ' .. ARGV[8] .. ' ' .. ARGV[9] .. ' ' .. ARGV[13]
 if #redis.call('ZRANGEBYSCORE', KEYS[1], seq, seq, 'LIMIT', 0, 1) > 0 then
-  redis.call('HSET', KEYS[4], ARGV[7], seq .. tail .. ' d')
+  remember(seq .. tail .. ' d')
   return {'earlier', seq}
 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local keep = 256
 local late = false
-local above = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. seq, '+inf', 'LIMIT', 0, 1)
+local above = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. seq, '+inf', 'LIMIT', 0, 1)
 if #above > 0 then
   local at = tonumber(string.match(above[1], ':(%d+)$') or '0')
   late = now - at >= tonumber(ARGV[10])
-  if not late and redis.call('ZCARD', KEYS[5]) >= keep then
-    local low = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+  if not late and redis.call('ZCARD', KEYS[4]) >= keep then
+    local low = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
     late = seq < tonumber(low[2])
   end
 end
@@ -89,18 +117,19 @@ if late and redis.call('EXISTS', KEYS[3]) == 1 then
 end
 redis.call('ZADD', KEYS[1], final, message)
 redis.call(ARGV[12], ARGV[5], event)
-redis.call('ZADD', KEYS[5], final, final .. ':' .. now)
-local published = redis.call('ZCARD', KEYS[5])
+redis.call('ZADD', KEYS[4], final, final .. ':' .. now)
+local published = redis.call('ZCARD', KEYS[4])
 if published > keep then
-  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, published - keep - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, published - keep - 1)
 end
-redis.call('EXPIRE', KEYS[5], 600)
+local idle = tonumber(ARGV[14])
+redis.call('EXPIRE', KEYS[4], math.min(600, idle))
+redis.call('EXPIRE', KEYS[1], idle)
 local mark = ' d'
 if final ~= seq then
   mark = ' r'
 end
-redis.call('HSET', KEYS[4], ARGV[7], final .. tail .. mark)
-redis.call('EXPIRE', KEYS[4], ARGV[11])
+remember(final .. tail .. mark)
 local n = redis.call('ZCARD', KEYS[1])
 local size = tonumber(ARGV[4])
 if n > size then
