@@ -38,6 +38,7 @@ use super::{
 };
 use crate::config::{KafkaSettings, RedisSettings};
 use crate::error::ChatError;
+use crate::metrics::Metrics;
 use crate::protocol::ChatMessage;
 
 /// How late a message may be published under its own seq: well inside the
@@ -100,13 +101,14 @@ impl ClusterStore {
         kafka: KafkaSettings,
         settings: RedisSettings,
         node_id: String,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 redis,
                 log,
                 mongo,
-                scan: TailScan::new(kafka),
+                scan: TailScan::new(kafka, metrics),
                 settings,
                 node_id,
                 scripts: Scripts::default(),
