@@ -4,7 +4,8 @@
 //! through the node's one scan consumer, reading the room's partition
 //! only, and no record at all when the persist group has stored the
 //! partition up to its end. A room whose keys Redis lost still starts above
-//! what the log holds.
+//! what the log holds. `GET /api/v1/rooms` answers in pages by name, in
+//! both modes, and the room list forgets rooms gone from Redis.
 //!
 //! Cluster tests run on the local services (`scripts/services up`), each on
 //! its own topic, consumer group, database and rooms.
@@ -13,7 +14,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -289,5 +290,212 @@ async fn a_room_lost_from_redis_starts_above_its_unstored_records() {
         acked["c-3"],
         "a retry of a cid accepted before the loss"
     );
+    cluster.cleanup().await;
+}
+
+// ---------------------------------------------------------------- the list
+
+/// Every page of `GET /api/v1/rooms?limit=` from `after` on: each page's
+/// names, and the `next` of each.
+async fn pages(node: &TestNode, after: &str, limit: usize) -> Vec<(Vec<String>, Value)> {
+    let mut out = Vec::new();
+    let mut after = after.to_string();
+    loop {
+        let (status, body) = node
+            .get_json(&format!("/api/v1/rooms?limit={limit}&after={after}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let names: Vec<String> = body["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect();
+        let next = body["next"].clone();
+        out.push((names, next.clone()));
+        match next.as_str() {
+            Some(n) => after = n.to_string(),
+            None => return out,
+        }
+        assert!(out.len() < 50, "the pages never end: {out:?}");
+    }
+}
+
+/// Creates 250 rooms named `prefix-NNN` (one message each), pages through
+/// them 100 at a time from `prefix`, and checks 100/100/50, sorted, no
+/// duplicates, `next` naming each page's last room, null at the end. The
+/// prefix must sort after every other room of the list.
+async fn pages_of_250(node: &TestNode, prefix: &str) {
+    let (token, _) = node.guest("lister").await;
+    let created: Vec<String> = (0..250).map(|i| format!("{prefix}-{i:03}")).collect();
+    for room in &created {
+        posted(node, &token, room, "c-1").await;
+    }
+    let got = pages(node, prefix, 100).await;
+    let sizes: Vec<usize> = got.iter().map(|(names, _)| names.len()).collect();
+    assert_eq!(sizes, vec![100, 100, 50], "page sizes");
+    for (names, next) in &got[..2] {
+        assert_eq!(next.as_str(), names.last().map(String::as_str), "next");
+    }
+    assert_eq!(got[2].1, Value::Null, "the last page's next");
+    let all: Vec<String> = got.into_iter().flat_map(|(names, _)| names).collect();
+    assert_eq!(all, created, "every room once, by name");
+
+    // A client that ignores `next` gets the first 100 (of every room: in
+    // cluster mode, other tests' rooms come first).
+    let (status, body) = node.get_json("/api/v1/rooms").await;
+    assert_eq!(status, 200, "{body}");
+    let first = body["rooms"].as_array().unwrap();
+    assert_eq!(first.len(), 100, "{body}");
+    assert_eq!(body["next"], first[99]["name"], "{body}");
+    let room = &first[0];
+    assert!(
+        room["name"].is_string() && room["members"].is_u64() && room["last_seq"].is_u64(),
+        "{room}"
+    );
+}
+
+/// Bad `limit` and `after` values are refused with 400 `bad_request`.
+async fn bad_queries_are_refused(node: &TestNode) {
+    let long = "a".repeat(65);
+    let queries = [
+        "limit=0".to_string(),
+        "limit=501".to_string(),
+        "limit=abc".to_string(),
+        "limit=-1".to_string(),
+        "after=".to_string(),
+        format!("after={long}"),
+        "after=Lobby".to_string(),
+        "after=a%20b".to_string(),
+        "after=%7Blobby%7D".to_string(),
+    ];
+    for q in queries {
+        let resp = node
+            .http()
+            .get(node.url(&format!("/api/v1/rooms?{q}")))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(status, 400, "{q}: {body}");
+        assert_eq!(body["error"]["code"], "bad_request", "{q}: {body}");
+    }
+    let (status, body) = node.get_json("/api/v1/rooms?limit=500").await;
+    assert_eq!(status, 200, "limit=500: {body}");
+}
+
+/// The names `GET /api/v1/rooms` lists after `after`.
+async fn listed(node: &TestNode, after: &str) -> BTreeSet<String> {
+    let (_, body) = node.get_json(&format!("/api/v1/rooms?after={after}")).await;
+    body["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn standalone_rooms_come_in_pages_by_name() {
+    let node = TestNode::start_default().await;
+    pages_of_250(&node, "room").await;
+    bad_queries_are_refused(&node).await;
+}
+
+/// In cluster mode the list is shared by every test on the services: the
+/// rooms' names start with `zzzzzz-<tag>`, after every other test's (those
+/// of this file start with `zzzz-`).
+#[tokio::test]
+async fn cluster_rooms_come_in_pages_by_name() {
+    let mut cluster = Cluster::start(&["persist", "sweep"]).await;
+    let prefix = format!("zzzzzz-{}", unique_tag());
+    for i in 0..250 {
+        cluster.room(format!("{prefix}-{i:03}"));
+    }
+    pages_of_250(&cluster.node, &prefix).await;
+    bad_queries_are_refused(&cluster.node).await;
+    cluster.cleanup().await;
+}
+
+/// A room whose keys are gone from Redis (expired after
+/// `redis.room_idle_ttl_secs`) and that has no member leaves the list in
+/// the sweep; a room that still has its seq stays.
+#[tokio::test]
+async fn the_sweep_removes_rooms_gone_from_redis_from_the_list() {
+    let mut cluster = Cluster::start(&["persist", "sweep"]).await;
+    let (token, _) = cluster.node.guest("ann").await;
+    let prefix = format!("zzzz-{}", unique_tag());
+    let gone = cluster.room(format!("{prefix}-gone"));
+    let kept = cluster.room(format!("{prefix}-kept"));
+    posted(&cluster.node, &token, &gone, "c-1").await;
+    posted(&cluster.node, &token, &kept, "c-1").await;
+    let names = listed(&cluster.node, &prefix).await;
+    assert!(names.contains(&gone) && names.contains(&kept), "{names:?}");
+    let mut redis = cluster.opts.redis().await;
+    let _: () = redis::cmd("DEL")
+        .arg(&keys::of_room(&gone)[..])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let names = listed(&cluster.node, &prefix).await;
+        if !names.contains(&gone) {
+            assert!(names.contains(&kept), "{names:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{gone} is still listed: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cluster.cleanup().await;
+}
+
+/// A room in the set earlier versions kept the room list in is listed
+/// once a node with the sweep role has run.
+#[tokio::test]
+async fn rooms_of_the_earlier_room_set_are_listed() {
+    Services::local().require().await;
+    let opts = ClusterOpts::isolated();
+    let room = format!("zzzz-{}-old", unique_tag());
+    let mut redis = opts.redis().await;
+    let _: () = redis::cmd("SET")
+        .arg(keys::seq(&room))
+        .arg(3)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SADD")
+        .arg(keys::LEGACY_ROOMS)
+        .arg(&room)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let cluster = Cluster {
+        node: TestNode::start_cluster(&format!("t-{}", unique_tag()), &opts).await,
+        opts,
+        rooms: vec![room.clone()],
+    };
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let (_, body) = cluster
+            .node
+            .get_json(&format!("/api/v1/rooms?after={}", &room[..room.len() - 4]))
+            .await;
+        if body["rooms"][0]["name"] == room.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{room} is not listed: {body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _: () = redis::cmd("SREM")
+        .arg(keys::LEGACY_ROOMS)
+        .arg(&room)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     cluster.cleanup().await;
 }

@@ -285,7 +285,7 @@ pub async fn forget_in_redis<'a>(
             .arg(&keys::of_room(room)[..])
             .query_async::<()>(conn)
             .await?;
-        redis::cmd("SREM")
+        redis::cmd("ZREM")
             .arg(keys::ROOMS)
             .arg(room)
             .query_async::<()>(conn)
