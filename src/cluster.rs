@@ -86,6 +86,7 @@ pub(crate) async fn connect(
         c.kafka.clone(),
         c.redis.clone(),
         settings.node.id.clone(),
+        metrics.clone(),
     );
     Ok(ClusterParts {
         store,

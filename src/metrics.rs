@@ -41,6 +41,14 @@ pub struct Metrics {
     /// another id: a second message for one cid got through (see the
     /// persist workers' log for the two ids).
     pub cid_conflicts: AtomicU64,
+    /// Seedings that asked Kafka for a room's unstored records.
+    pub seed_tail_checks: AtomicU64,
+    /// Of those, the ones that had records to read.
+    pub seed_scans: AtomicU64,
+    /// Records those scans read.
+    pub seed_scan_records: AtomicU64,
+    /// Scan consumers created (one, and another after each failed scan).
+    pub seed_scan_consumers: AtomicU64,
     errors: [AtomicU64; ChatError::CODES.len()],
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
@@ -123,6 +131,26 @@ impl Metrics {
             "cid_conflicts_total",
             "Messages not stored because their cid was stored under another id.",
             self.cid_conflicts.load(Relaxed),
+        );
+        counter(
+            "seed_tail_checks_total",
+            "Seedings of a room's seq that asked Kafka for its unstored records.",
+            self.seed_tail_checks.load(Relaxed),
+        );
+        counter(
+            "seed_scans_total",
+            "Seedings that read unstored records of the room's partition.",
+            self.seed_scans.load(Relaxed),
+        );
+        counter(
+            "seed_scan_records_total",
+            "Records read by the seeding scans.",
+            self.seed_scan_records.load(Relaxed),
+        );
+        counter(
+            "seed_scan_consumers_total",
+            "Kafka consumers created for the seeding scans.",
+            self.seed_scan_consumers.load(Relaxed),
         );
         counter(
             "messages_in_total",

@@ -72,7 +72,14 @@ impl Node {
             .as_ref()
             .map(|parts| web::Data::new(parts.topic.clone()));
         let bridge = cluster.map(|parts| parts.start_bridge(&settings, registry.clone()));
-        Scheduler::new(&settings, metrics.clone(), registry.clone(), bridge.clone()).start();
+        Scheduler::new(
+            &settings,
+            metrics.clone(),
+            registry.clone(),
+            bridge.clone(),
+            store.clone(),
+        )
+        .start();
         let app = Arc::new(AppState::new(settings, store, registry, metrics));
         let data = web::Data::from(app.clone());
         let bind = app.settings.http.bind;

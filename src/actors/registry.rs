@@ -91,10 +91,15 @@ pub struct AttachBridge {
     pub bridge: Addr<RedisBridge>,
 }
 
-/// Rooms with local members and how many distinct users are in each.
+/// A page of the rooms with local members, by name: the first `limit`
+/// whose names sort after `after`, and how many distinct users are in each.
+/// Only the rooms of the page are asked for their count.
 #[derive(Message)]
 #[rtype(result = "HashMap<String, usize>")]
-pub struct ListRooms;
+pub struct ListRooms {
+    pub after: Option<String>,
+    pub limit: usize,
+}
 
 /// Asks every session to close once its accepted messages are answered;
 /// answers how many sessions were asked.
@@ -317,10 +322,16 @@ impl Handler<AttachBridge> for RoomRegistry {
 
 impl Handler<ListRooms> for RoomRegistry {
     type Result = ResponseFuture<HashMap<String, usize>>;
-    fn handle(&mut self, _: ListRooms, _: &mut Context<Self>) -> Self::Result {
-        let asks: Vec<_> = self
+    fn handle(&mut self, msg: ListRooms, _: &mut Context<Self>) -> Self::Result {
+        let mut page: Vec<(&String, &RoomEntry)> = self
             .rooms
             .iter()
+            .filter(|(name, _)| msg.after.as_ref().is_none_or(|a| *name > a))
+            .collect();
+        page.sort_unstable_by_key(|(name, _)| *name);
+        page.truncate(msg.limit);
+        let asks: Vec<_> = page
+            .into_iter()
             .map(|(name, e)| {
                 let name = name.clone();
                 let ask = e.addr.send(CountUsers);

@@ -13,6 +13,7 @@ use super::redis_bridge::{Heartbeat, RedisBridge, SweepDeadNodes};
 use super::registry::{RoomRegistry, WarmCaches};
 use crate::config::{Role, Settings};
 use crate::metrics::Metrics;
+use crate::store::MessageStore;
 
 /// How often the clock looks for due jobs.
 const TICK: Duration = Duration::from_millis(500);
@@ -34,6 +35,7 @@ impl Scheduler {
         metrics: Arc<Metrics>,
         registry: Addr<RoomRegistry>,
         bridge: Option<Addr<RedisBridge>>,
+        store: Arc<dyn MessageStore>,
     ) -> Self {
         let mut clock = Clock::new();
         let node_id = settings.node.id.clone();
@@ -67,6 +69,10 @@ impl Scheduler {
                         dead_after: DEAD_AFTER,
                     })
                 });
+                // The room list forgets rooms gone from Redis, a page a step.
+                clock
+                    .every(HEARTBEAT_SECS.seconds())
+                    .run(move || drop(actix::spawn(store.sweep_rooms())));
             }
         }
         Self { clock }

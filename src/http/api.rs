@@ -48,10 +48,49 @@ pub(super) async fn me(
     Ok(HttpResponse::Ok().json(json!({"user": user})))
 }
 
-/// `GET /rooms`: rooms with messages or members, by name.
-pub(super) async fn rooms(app: web::Data<AppState>) -> Result<HttpResponse, ChatError> {
-    let stored = app.store.rooms().await?;
-    let online = app.registry.send(ListRooms).await.unwrap_or_default();
+/// Rooms per page of `GET /rooms` unless the client asks for another
+/// number...
+const ROOMS_PAGE: usize = 100;
+/// ...and the most it may ask for.
+const MAX_ROOMS_PAGE: usize = 500;
+
+#[derive(Deserialize)]
+pub(super) struct RoomsQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /rooms?after=&limit=`: a page of the rooms with messages or
+/// members, by name, and the name to ask for the next page after (`next`,
+/// null on the last page).
+///
+/// Both sources are asked for one room more than the page: when the two
+/// together have more than `limit`, a next page exists; when they have
+/// fewer, both are exhausted. A room of the page that has members is among
+/// the first `limit` of the registry's, so it has its count.
+pub(super) async fn rooms(
+    query: web::Query<RoomsQuery>,
+    app: web::Data<AppState>,
+) -> Result<HttpResponse, ChatError> {
+    let RoomsQuery { after, limit } = query.into_inner();
+    let limit = match limit {
+        None => ROOMS_PAGE,
+        Some(l) if (1..=MAX_ROOMS_PAGE).contains(&l) => l,
+        Some(_) => return Err(ChatError::bad_request("limit must be 1-500")),
+    };
+    let after = after
+        .map(validate_room)
+        .transpose()
+        .map_err(|_| ChatError::bad_request("after must be a room name, as `next` gave it"))?;
+    let stored = app.store.rooms(after.as_deref(), limit + 1).await?;
+    let online = app
+        .registry
+        .send(ListRooms {
+            after,
+            limit: limit + 1,
+        })
+        .await
+        .unwrap_or_default();
     let mut rooms: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     for (name, last_seq) in stored {
         rooms.entry(name).or_default().1 = last_seq;
@@ -59,11 +98,16 @@ pub(super) async fn rooms(app: web::Data<AppState>) -> Result<HttpResponse, Chat
     for (name, users) in online {
         rooms.entry(name).or_default().0 = users;
     }
-    let list: Vec<_> = rooms
+    let more = rooms.len() > limit;
+    let page: Vec<_> = rooms.into_iter().take(limit).collect();
+    let next = more
+        .then(|| page.last().map(|(name, _)| name.clone()))
+        .flatten();
+    let list: Vec<_> = page
         .into_iter()
         .map(|(name, (members, last_seq))| json!({"name": name, "members": members, "last_seq": last_seq}))
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"rooms": list})))
+    Ok(HttpResponse::Ok().json(json!({"rooms": list, "next": next})))
 }
 
 #[derive(Deserialize)]

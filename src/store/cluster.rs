@@ -19,7 +19,8 @@
 //! have a hole, even while the persist workers lag or MongoDB is down.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -39,6 +40,7 @@ use super::{
 };
 use crate::config::{KafkaSettings, RedisSettings};
 use crate::error::ChatError;
+use crate::metrics::Metrics;
 use crate::protocol::ChatMessage;
 
 /// How late a message may be published under its own seq: well inside the
@@ -61,8 +63,12 @@ const DELIVER_RETRY_WINDOW: Duration = Duration::from_secs(120);
 /// lifetime looks the older ones up one by one as they come.
 const RECOVERED_CIDS: usize = 10_000;
 
-/// Room names read per `SSCAN` step when listing the rooms.
-const ROOMS_PAGE: usize = 500;
+/// Room names looked at per step of the room list's sweep: a step every
+/// few seconds walks a million rooms in about a day.
+const SWEEP_PAGE: usize = 100;
+
+/// Room names copied per step from the room set of earlier versions.
+const LEGACY_PAGE: usize = 500;
 
 /// Seqs below MongoDB's watermark that the cache still keeps (see
 /// `lua/deliver.lua`).
@@ -81,6 +87,14 @@ struct Inner {
     /// new room all find it unseeded, and one look at the durable tail is
     /// enough for all of them.
     seeding: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where the room list's sweep goes on: after this name, or from the
+    /// start.
+    sweep_after: Mutex<Option<String>>,
+    /// The `SSCAN` cursor of the copy of the earlier versions' room set;
+    /// `None` once the copy is done.
+    legacy_cursor: Mutex<Option<u64>>,
+    /// Set while a sweep step runs, so that steps never pile up.
+    sweeping: AtomicBool,
 }
 
 /// The cluster-mode message log.
@@ -101,17 +115,21 @@ impl ClusterStore {
         kafka: KafkaSettings,
         settings: RedisSettings,
         node_id: String,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 redis,
                 log,
                 mongo,
-                scan: TailScan::new(kafka),
+                scan: TailScan::new(kafka, metrics),
                 scripts: Scripts::new(settings.room_idle_ttl_secs),
                 settings,
                 node_id,
                 seeding: std::sync::Mutex::new(HashMap::new()),
+                sweep_after: Mutex::new(None),
+                legacy_cursor: Mutex::new(Some(0)),
+                sweeping: AtomicBool::new(false),
             }),
         }
     }
@@ -422,7 +440,7 @@ impl Inner {
         }
         self.scripts.seed(&mut conn, room, floor).await?;
         let _: () = conn
-            .sadd(keys::ROOMS, room)
+            .zadd(keys::ROOMS, room, 0)
             .await
             .map_err(unavailable("redis"))?;
         if floor > 0 {
@@ -681,34 +699,137 @@ impl Inner {
         self.scripts.open_gap(&mut conn, room, late_ms).await
     }
 
-    async fn rooms(&self) -> Result<Vec<(String, u64)>, ChatError> {
+    /// Up to `limit` names of the room list after `after`, by name: one
+    /// `ZRANGEBYLEX` (every score is 0, so the set sorts by name).
+    async fn room_names(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ChatError> {
         let mut conn = self.redis.clone();
-        // Paged, so that no single command holds Redis for the whole set.
-        let mut names: Vec<String> = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, page): (u64, Vec<String>) = redis::cmd("SSCAN")
-                .arg(keys::ROOMS)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(ROOMS_PAGE)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable("redis"))?;
-            names.extend(page);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        names.sort();
-        names.dedup();
+        let from = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
+        redis::cmd("ZRANGEBYLEX")
+            .arg(keys::ROOMS)
+            .arg(from)
+            .arg("+")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("redis"))
+    }
+
+    async fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, ChatError> {
+        let names = self.room_names(after, limit).await?;
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let last = self.last_seq(&name).await?;
             out.push((name, last));
         }
         Ok(out)
+    }
+
+    /// One step of the room list's sweep: copies a page of the earlier
+    /// versions' room set while there is one to copy, then looks at the
+    /// next page of the list and removes the rooms Redis no longer holds.
+    async fn sweep_rooms(&self) -> Result<(), ChatError> {
+        self.copy_legacy_rooms().await?;
+        let after = self
+            .sweep_after
+            .lock()
+            .map_err(|_| ChatError::Internal("sweep cursor lock poisoned".into()))?
+            .clone();
+        let names = self.room_names(after.as_deref(), SWEEP_PAGE).await?;
+        let next = (names.len() == SWEEP_PAGE)
+            .then(|| names.last().cloned())
+            .flatten();
+        let mut removed = 0;
+        for name in &names {
+            if self.prune_room(name).await? {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            log::info!("Removed {removed} rooms gone from Redis from the room list.");
+        }
+        if let Ok(mut cursor) = self.sweep_after.lock() {
+            *cursor = next;
+        }
+        Ok(())
+    }
+
+    /// Removes `room` from the list if its `seq` is gone (its keys expired
+    /// after `redis.room_idle_ttl_secs`, or Redis lost them) and it has no
+    /// member on any node. A seeding between the look and the removal
+    /// writes the `seq` first, so a `seq` found afterwards puts the name
+    /// back. A room whose name goes is listed again when it is seeded
+    /// again. Answers whether the name went.
+    async fn prune_room(&self, room: &str) -> Result<bool, ChatError> {
+        let mut conn = self.redis.clone();
+        // One pipeline: both keys are in the room's slot.
+        let (seeded, members): (bool, u64) = redis::pipe()
+            .exists(keys::seq(room))
+            .hlen(keys::members(room))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("redis"))?;
+        if seeded || members > 0 {
+            return Ok(false);
+        }
+        let _: () = conn
+            .zrem(keys::ROOMS, room)
+            .await
+            .map_err(unavailable("redis"))?;
+        let seeded: bool = conn
+            .exists(keys::seq(room))
+            .await
+            .map_err(unavailable("redis"))?;
+        if seeded {
+            let _: () = conn
+                .zadd(keys::ROOMS, room, 0)
+                .await
+                .map_err(unavailable("redis"))?;
+        }
+        Ok(!seeded)
+    }
+
+    /// One `SSCAN` page of the room set earlier versions wrote
+    /// (`keys::LEGACY_ROOMS`), added to the list, so that a rolling upgrade
+    /// lists every room; once per run of the node. Nothing writes that set
+    /// any more.
+    async fn copy_legacy_rooms(&self) -> Result<(), ChatError> {
+        let Some(cursor) = *self
+            .legacy_cursor
+            .lock()
+            .map_err(|_| ChatError::Internal("legacy cursor lock poisoned".into()))?
+        else {
+            return Ok(());
+        };
+        let mut conn = self.redis.clone();
+        let (next, names): (u64, Vec<String>) = redis::cmd("SSCAN")
+            .arg(keys::LEGACY_ROOMS)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(LEGACY_PAGE)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable("redis"))?;
+        if !names.is_empty() {
+            let members: Vec<(u8, &String)> = names.iter().map(|n| (0, n)).collect();
+            let _: () = conn
+                .zadd_multiple(keys::ROOMS, &members)
+                .await
+                .map_err(unavailable("redis"))?;
+        }
+        if let Ok(mut c) = self.legacy_cursor.lock() {
+            *c = (next != 0).then_some(next);
+        }
+        Ok(())
     }
 
     async fn check(&self) -> Vec<DependencyStatus> {
@@ -839,9 +960,28 @@ impl MessageStore for ClusterStore {
         async move { inner.open_gap(&room).await }.boxed()
     }
 
-    fn rooms(&self) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>> {
+    fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>> {
         let inner = self.inner.clone();
-        async move { inner.rooms().await }.boxed()
+        let after = after.map(str::to_string);
+        async move { inner.rooms(after.as_deref(), limit).await }.boxed()
+    }
+
+    fn sweep_rooms(&self) -> BoxFuture<'static, ()> {
+        let inner = self.inner.clone();
+        async move {
+            if inner.sweeping.swap(true, Relaxed) {
+                return;
+            }
+            if let Err(e) = inner.sweep_rooms().await {
+                log::warn!("Sweeping the room list failed: {e:?}.");
+            }
+            inner.sweeping.store(false, Relaxed);
+        }
+        .boxed()
     }
 
     fn check(&self) -> BoxFuture<'static, Vec<DependencyStatus>> {

@@ -9,6 +9,7 @@
 //! latency low under load. Reads run on the blocking pool beside it.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -192,12 +193,19 @@ impl MessageStore for EmbeddedStore {
         })
     }
 
-    fn rooms(&self) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>> {
-        self.read(|db| {
+    fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>> {
+        let after = after.map(str::to_string);
+        self.read(move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(ROOMS)?;
-            let mut out = Vec::new();
-            for entry in table.iter()? {
+            // The table is ordered by name: the page is a range of it.
+            let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for entry in table.range::<&str>((from, Bound::Unbounded))?.take(limit) {
                 let (k, v) = entry?;
                 out.push((k.value().to_string(), v.value()));
             }
@@ -458,9 +466,14 @@ mod tests {
                 .seq,
             52
         );
-        let mut rooms = store.rooms().await.unwrap();
-        rooms.sort();
+        let rooms = store.rooms(None, 10).await.unwrap();
         assert_eq!(rooms, vec![("q".into(), 1), ("r".into(), 52)]);
+        assert_eq!(store.rooms(None, 1).await.unwrap(), vec![("q".into(), 1)]);
+        assert_eq!(
+            store.rooms(Some("q"), 10).await.unwrap(),
+            vec![("r".into(), 52)]
+        );
+        assert!(store.rooms(Some("r"), 10).await.unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

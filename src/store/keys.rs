@@ -111,8 +111,15 @@ pub fn of_room(room: &str) -> [String; 7] {
     ]
 }
 
-/// Set of every room that has messages.
-pub const ROOMS: &str = "chat:rooms";
+/// The room list: a sorted set of every room whose seq was started, all
+/// scores 0, so that it sorts by name and is read a page at a time
+/// (`ZRANGEBYLEX`). Rooms gone from Redis leave it in the sweep.
+pub const ROOMS: &str = "chat:rooms:by-name";
+
+/// The set earlier versions kept the room list in, read whole. Nothing
+/// writes it any more; the sweep copies it into [`ROOMS`] once per run of
+/// a node, so that a rolling upgrade lists every room.
+pub const LEGACY_ROOMS: &str = "chat:rooms";
 
 /// Sorted set of live nodes (score = last heartbeat, ms since the epoch).
 pub const NODES: &str = "chat:nodes";

@@ -108,8 +108,21 @@ pub trait MessageStore: Send + Sync + 'static {
         Box::pin(async { Ok(None) })
     }
 
-    /// Every room with messages and its last `seq`.
-    fn rooms(&self) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>>;
+    /// A page of the rooms with messages, by name: up to `limit` of those
+    /// whose names sort after `after` (from the first without), each with
+    /// its last `seq`.
+    fn rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<(String, u64)>, ChatError>>;
+
+    /// One bounded step of removing the rooms that are gone (cluster mode:
+    /// expired from Redis, no member left) from the room list. The embedded
+    /// store keeps every room.
+    fn sweep_rooms(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 
     /// Whether each dependency answers now.
     fn check(&self) -> BoxFuture<'static, Vec<DependencyStatus>>;

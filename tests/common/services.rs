@@ -288,7 +288,7 @@ pub async fn forget_in_redis<'a>(
             .arg(keys::live_cid_buckets(room, now_secs, 7 * 24 * 3600))
             .query_async::<()>(conn)
             .await?;
-        redis::cmd("SREM")
+        redis::cmd("ZREM")
             .arg(keys::ROOMS)
             .arg(room)
             .query_async::<()>(conn)
