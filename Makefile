@@ -22,7 +22,7 @@ test-all: unit-test cluster-topology-test frontend-test e2e fuzz-quick faults fa
 
 ## cluster-topology-test: the tests of the services themselves and of several nodes, again on the
 ## cluster topology (TOPOLOGY=cluster: Redis Cluster with sharded pub/sub, three Kafka brokers)
-CLUSTER_TOPOLOGY_TESTS = --test cluster --test scripts --test persist --test kafka
+CLUSTER_TOPOLOGY_TESTS = --test cluster --test scripts --test persist --test kafka --test cluster_state --test rooms_scan
 cluster-topology-test:
 	TOPOLOGY=cluster $(CARGO) test $(CLUSTER_TOPOLOGY_TESTS)
 
