@@ -294,7 +294,7 @@ async fn opening_rooms_is_limited_per_user_and_joining_existing_ones_is_not() {
     let v = try_join(&mut a, "existing").await;
     assert_eq!(v["op"], "joined", "existing room: {v}");
     assert_eq!(v["last_seq"], 1, "{v}");
-    a.send_acked("existing", "still allowed", "a1").await;
+    a.send_msg("existing", "still allowed", "a1").await;
 
     // The refused room has no trace of ann.
     let e = a
