@@ -4,15 +4,18 @@
 mod api;
 mod bearer;
 mod health;
+mod limit;
 mod ws;
 
+use actix_web::middleware::from_fn;
 use actix_web::{web, HttpResponse};
 
 use crate::actors::app::AppState;
 use crate::error::ChatError;
 
 /// Mounts every route. Errors of the extractors answer in the contract's
-/// error shape.
+/// error shape. The REST API and the WebSocket upgrade are limited per
+/// client address; health, metrics and the web client's files are not.
 pub fn configure(cfg: &mut web::ServiceConfig, app: &web::Data<AppState>) {
     cfg.app_data(
         web::JsonConfig::default()
@@ -27,12 +30,17 @@ pub fn configure(cfg: &mut web::ServiceConfig, app: &web::Data<AppState>) {
         web::PathConfig::default()
             .error_handler(|e, _| ChatError::bad_request(format!("bad path: {e}")).into()),
     )
-    .route("/ws", web::get().to(ws::upgrade))
+    .service(
+        web::resource("/ws")
+            .wrap(from_fn(limit::per_address))
+            .route(web::get().to(ws::upgrade)),
+    )
     .route("/healthz", web::get().to(health::healthz))
     .route("/readyz", web::get().to(health::readyz))
     .route("/metrics", web::get().to(health::metrics))
     .service(
         web::scope("/api/v1")
+            .wrap(from_fn(limit::per_address))
             .route("/auth/guest", web::post().to(api::guest))
             .route("/me", web::get().to(api::me))
             .route("/rooms", web::get().to(api::rooms))
