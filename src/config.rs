@@ -882,7 +882,10 @@ impl Settings {
             ("signin_rate", l.signin_rate_per_sec, l.signin_rate_burst),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
-                return fail(&format!("limits.{key}_per_sec"), "must be a positive number");
+                return fail(
+                    &format!("limits.{key}_per_sec"),
+                    "must be a positive number",
+                );
             }
             if burst == 0 {
                 return fail(&format!("limits.{key}_burst"), "must be positive");
@@ -1095,7 +1098,10 @@ mod tests {
             let e = Settings::parse(&public(secret), "t", Vec::new())
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("auth.secret") && e.contains("openssl rand"), "{e}");
+            assert!(
+                e.contains("auth.secret") && e.contains("openssl rand"),
+                "{e}"
+            );
             assert!(!e.contains(secret), "the message repeats the secret: {e}");
             Settings::parse(&loopback(secret), "t", Vec::new()).unwrap();
         }
