@@ -10,7 +10,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::protocol::{validate_user_name, User};
+use crate::protocol::{validate_user_id, validate_user_name, User};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -95,7 +95,9 @@ impl Tokens {
         if claims.exp <= now {
             return Err(TokenError::Expired);
         }
-        if validate_user_name(&claims.name).is_err() || claims.sub.is_empty() {
+        // A signed token with an id the node would not issue is refused
+        // all the same: the id is used in store keys.
+        if validate_user_name(&claims.name).is_err() || validate_user_id(&claims.sub).is_err() {
             return Err(TokenError::Malformed);
         }
         Ok(User {
@@ -156,6 +158,46 @@ mod tests {
             URL_SAFE_NO_PAD.encode(br#"{"sub":"admin","name":"admin","exp":99999999999}"#);
         let forged = format!("{forged_payload}.{sig}");
         assert_eq!(a.verify(&forged, 1001), Err(TokenError::BadSignature));
+    }
+
+    /// A token signed with `t`'s secret for any claims.
+    fn signed(t: &Tokens, claims: &str) -> String {
+        let payload = URL_SAFE_NO_PAD.encode(claims);
+        let mut mac = t.mac();
+        mac.update(payload.as_bytes());
+        format!(
+            "{payload}.{}",
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        )
+    }
+
+    #[test]
+    fn sub_must_be_a_well_formed_user_id() {
+        let t = Tokens::new("0123456789abcdef", 60);
+        let long = "a".repeat(65);
+        for sub in [
+            "a:b",
+            "",
+            "a b",
+            "a/b",
+            "a\\u0000b",
+            "a\\nb",
+            "é",
+            "{a}",
+            long.as_str(),
+        ] {
+            let token = signed(&t, &format!(r#"{{"sub":"{sub}","name":"x","exp":2000}}"#));
+            assert_eq!(
+                t.verify(&token, 1000),
+                Err(TokenError::Malformed),
+                "{sub:?}"
+            );
+        }
+        let max = "A".repeat(64);
+        for sub in [new_user_id(), "u-1.x_Y".into(), max] {
+            let token = signed(&t, &format!(r#"{{"sub":"{sub}","name":"x","exp":2000}}"#));
+            assert_eq!(t.verify(&token, 1000).unwrap().id, sub);
+        }
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Node {
     app: Arc<AppState>,
     server: Server,
     handle: ServerHandle,
+    /// The listener of `http.metrics_bind`, serving `/metrics` alone.
+    metrics_server: Option<Server>,
     /// Stopped when draining, so its partitions move to other nodes at once.
     persist: Option<Addr<PersistSupervisor>>,
     /// Cluster mode: told when draining, to take the node off the live ones.
@@ -108,6 +110,10 @@ impl Node {
         let addr = server.addrs().first().copied().unwrap_or(bind);
         let server = server.run();
         let handle = server.handle();
+        let metrics_server = match app.settings.http.metrics_bind {
+            Some(bind) => Some(metrics_server(web::Data::from(app.clone()), bind)?),
+            None => None,
+        };
         match app.settings.cluster() {
             None => log::info!(
                 "Node {} listening on http://{addr} (standalone, store in {}).",
@@ -129,6 +135,7 @@ impl Node {
             app,
             server,
             handle,
+            metrics_server,
             persist,
             bridge,
         })
@@ -140,10 +147,17 @@ impl Node {
             app,
             server,
             handle,
+            metrics_server,
             persist,
             bridge,
             ..
         } = self;
+        // Metrics stay readable while the node drains; they stop with it.
+        let metrics_handle = metrics_server.map(|m| {
+            let handle = m.handle();
+            actix_web::rt::spawn(m);
+            handle
+        });
         let mut server = actix_web::rt::spawn(server);
         tokio::select! {
             ended = &mut server => {
@@ -164,8 +178,33 @@ impl Node {
             let _ = tokio::time::timeout(Duration::from_secs(2), bridge.send(Retire)).await;
         }
         let _ = server.await;
+        if let Some(handle) = metrics_handle {
+            handle.stop(true).await;
+        }
         Ok(())
     }
+}
+
+/// The listener of `http.metrics_bind`: `/metrics` and nothing else (other
+/// paths answer 404), on one worker, so that the metrics can be kept off
+/// the network clients reach.
+fn metrics_server(data: web::Data<AppState>, bind: SocketAddr) -> Result<Server, StartError> {
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .configure(http::configure_metrics)
+            .default_service(web::to(http::not_found))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(bind)
+    .map_err(|source| StartError::Bind { addr: bind, source })?;
+    log::info!(
+        "Metrics on http://{}/metrics.",
+        server.addrs().first().copied().unwrap_or(bind)
+    );
+    Ok(server.run())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -234,6 +234,25 @@ pub fn validate_user_name(name: &str) -> Result<(), ChatError> {
     }
 }
 
+/// User ids, as a token's `sub`: 1–64 characters of `A-Z a-z 0-9 . _ -`
+/// (a guest id is a lowercase ULID). No separator may appear in one: the
+/// stores key a user's accepted cids as `<user id>:<cid>`, and an id with
+/// a `:` could name another user's cid.
+pub fn validate_user_id(id: &str) -> Result<(), ChatError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ChatError::bad_request(
+            "user ids are 1-64 characters of A-Z, a-z, 0-9, _, . and -",
+        ))
+    }
+}
+
 /// Idempotency keys: 1–64 characters, no control characters.
 pub fn validate_cid(cid: &str) -> Result<(), ChatError> {
     let count = cid.chars().count();

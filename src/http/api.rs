@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::bearer::bearer_user;
+use super::limit;
 use crate::actors::app::AppState;
 use crate::actors::registry::ListRooms;
 use crate::actors::session::pay_for_new_room;
@@ -24,13 +25,17 @@ pub(super) struct GuestBody {
     name: String,
 }
 
-/// `POST /auth/guest`: a token for a new guest user.
+/// `POST /auth/guest`: a token for a new guest user. Each new user costs
+/// a token of the client address's sign-in bucket
+/// (`limits.signin_rate_*`), on top of the request's own.
 pub(super) async fn guest(
+    req: HttpRequest,
     body: web::Json<GuestBody>,
     app: web::Data<AppState>,
-) -> Result<HttpResponse, ChatError> {
+) -> Result<HttpResponse, actix_web::Error> {
     let name = body.into_inner().name;
     validate_user_name(&name)?;
+    limit::take(&app.signin_rates, &req)?;
     let user = User {
         id: new_user_id(),
         name,

@@ -4,15 +4,20 @@
 mod api;
 mod bearer;
 mod health;
+mod limit;
 mod ws;
 
+use actix_web::middleware::from_fn;
 use actix_web::{web, HttpResponse};
 
 use crate::actors::app::AppState;
 use crate::error::ChatError;
 
 /// Mounts every route. Errors of the extractors answer in the contract's
-/// error shape.
+/// error shape. The REST API and the WebSocket upgrade are limited per
+/// client address; health, metrics and the web client's files are not.
+/// `/metrics` is here unless `http.metrics_bind` gives it its own listener
+/// (see [`configure_metrics`]).
 pub fn configure(cfg: &mut web::ServiceConfig, app: &web::Data<AppState>) {
     cfg.app_data(
         web::JsonConfig::default()
@@ -27,12 +32,19 @@ pub fn configure(cfg: &mut web::ServiceConfig, app: &web::Data<AppState>) {
         web::PathConfig::default()
             .error_handler(|e, _| ChatError::bad_request(format!("bad path: {e}")).into()),
     )
-    .route("/ws", web::get().to(ws::upgrade))
-    .route("/healthz", web::get().to(health::healthz))
-    .route("/readyz", web::get().to(health::readyz))
-    .route("/metrics", web::get().to(health::metrics))
     .service(
+        web::resource("/ws")
+            .wrap(from_fn(limit::per_address))
+            .route(web::get().to(ws::upgrade)),
+    )
+    .route("/healthz", web::get().to(health::healthz))
+    .route("/readyz", web::get().to(health::readyz));
+    if app.settings.http.metrics_bind.is_none() {
+        configure_metrics(cfg);
+    }
+    cfg.service(
         web::scope("/api/v1")
+            .wrap(from_fn(limit::per_address))
             .route("/auth/guest", web::post().to(api::guest))
             .route("/me", web::get().to(api::me))
             .route("/rooms", web::get().to(api::rooms))
@@ -53,7 +65,14 @@ pub fn configure(cfg: &mut web::ServiceConfig, app: &web::Data<AppState>) {
     }
 }
 
-async fn not_found() -> Result<HttpResponse, ChatError> {
+/// Mounts `/metrics` alone: on the main listener, or on the listener of
+/// `http.metrics_bind`, which operators can keep off the public network.
+pub fn configure_metrics(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(health::metrics));
+}
+
+/// `404` in the contract's error shape.
+pub async fn not_found() -> Result<HttpResponse, ChatError> {
     Err(ChatError::NotFound)
 }
 

@@ -49,6 +49,8 @@ pub struct NodeOpts {
     pub address_rate_burst: u64,
     pub signin_rate_per_sec: f64,
     pub signin_rate_burst: u64,
+    /// `http.metrics_bind`, written only when set.
+    pub metrics_bind: Option<String>,
     /// Extra environment variables for the child process.
     pub env: Vec<(String, String)>,
     /// Cluster mode: the `[redis]`, `[kafka]` and `[mongo]` sections (and
@@ -86,6 +88,7 @@ impl Default for NodeOpts {
             address_rate_burst: 100_000,
             signin_rate_per_sec: 100_000.0,
             signin_rate_burst: 100_000,
+            metrics_bind: None,
             env: Vec::new(),
             cluster: None,
         }
@@ -107,7 +110,7 @@ data_dir = "{data_dir}"
 [http]
 bind = "127.0.0.1:{port}"
 allowed_origins = ["http://127.0.0.1:{port}"]
-
+{metrics_bind}
 [auth]
 secret = "{secret}"
 token_ttl_secs = {ttl}
@@ -136,6 +139,10 @@ signin_rate_burst = {signin_burst}
             node_id = self.node_id,
             data_dir = toml_escape(&data_dir.display().to_string()),
             port = port,
+            metrics_bind = match &self.metrics_bind {
+                Some(bind) => format!("metrics_bind = \"{}\"\n", toml_escape(bind)),
+                None => String::new(),
+            },
             secret = self.secret,
             ttl = self.token_ttl_secs,
             max_frame = self.max_frame_bytes,
