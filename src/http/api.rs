@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::bearer::bearer_user;
-use super::limit;
+use super::limit::{self, TooManyRequests};
 use crate::actors::app::AppState;
 use crate::actors::registry::ListRooms;
 use crate::actors::session::pay_for_new_room;
@@ -147,23 +147,23 @@ pub(super) async fn post_message(
     path: web::Path<String>,
     body: web::Json<PostBody>,
     app: web::Data<AppState>,
-) -> Result<HttpResponse, ChatError> {
+) -> Result<HttpResponse, actix_web::Error> {
     let received = Instant::now();
     let user = bearer_user(&req, &app)?;
     // The same per-user bucket as the user's WebSocket frames.
-    if !app.user_rates.take(&user.id, received) {
-        return Err(ChatError::RateLimited);
-    }
+    app.user_rates
+        .take_cost(&user.id, 1.0, received)
+        .map_err(TooManyRequests::after)?;
     let room = validate_room(path.into_inner())?;
     let PostBody { text, cid } = body.into_inner();
     validate_cid(&cid)?;
     validate_text(&text, app.settings.limits.max_text_chars)?;
     if app.draining.load(Relaxed) {
-        return Err(ChatError::Unavailable("the node is shutting down".into()));
+        return Err(ChatError::Unavailable("the node is shutting down".into()).into());
     }
     // The first message opens the room: charged like a `join` that does.
-    if app.store.last_seq(&room).await? == 0 && pay_for_new_room(&app, &user.id).is_err() {
-        return Err(ChatError::RateLimited);
+    if app.store.last_seq(&room).await? == 0 {
+        pay_for_new_room(&app, &user.id).map_err(TooManyRequests::after)?;
     }
     let accepted = app
         .store

@@ -57,6 +57,11 @@ pub(super) struct TooManyRequests {
 }
 
 impl TooManyRequests {
+    /// A refusal whose bucket holds the token again after `retry_after`.
+    pub(super) fn after(retry_after: Duration) -> Self {
+        Self { retry_after }
+    }
+
     /// Whole seconds, rounded up, so that a client that waits that long
     /// finds the token there.
     fn retry_after_secs(&self) -> u64 {
