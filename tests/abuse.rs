@@ -314,7 +314,11 @@ async fn opening_rooms_is_limited_per_user_and_joining_existing_ones_is_not() {
     let resp = post(&node, &token, "new-6", "p1").await;
     assert_eq!(resp.status().as_u16(), 429);
     // The hour's bucket of 5 refills one room per 12 minutes.
-    let wait: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=720).contains(&wait), "Retry-After {wait}");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "rate_limited", "{body}");

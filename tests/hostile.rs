@@ -213,7 +213,11 @@ async fn rest_posts_are_rate_limited_per_user_with_429() {
     }
     let resp = post(&node, &token, "lobby", &json!({"text": "hi", "cid": "p3"})).await;
     // One token per 100 s: the answer says when to come back.
-    let wait: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((90..=100).contains(&wait), "Retry-After {wait}");
     assert_http_error(resp, 429, "rate_limited", "fourth post").await;
     // Someone else may still post.
