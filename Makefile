@@ -4,7 +4,7 @@ CARGO ?= cargo
 NPM ?= npm
 CONFIG ?= config/default.toml
 
-.PHONY: run test test-all lint unit-test cluster-topology-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick
+.PHONY: flood run test test-all lint unit-test cluster-topology-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick
 
 ## run: build the web client and a release binary, start a standalone node on 127.0.0.1:8080
 run: frontend
@@ -109,6 +109,11 @@ SCALING_TOPOLOGIES ?= cluster
 .PHONY: scaling
 scaling:
 	for t in $(SCALING_TOPOLOGIES); do bench/scaling $$t || exit 1; done
+
+## flood: what one flooding client address costs everyone else, with the default limits and
+## without them (bench/flood); results in bench/results/flood/
+flood:
+	bench/flood
 
 clean:
 	$(CARGO) clean
