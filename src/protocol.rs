@@ -218,14 +218,17 @@ pub fn validate_room(room: String) -> Result<String, ChatError> {
     }
 }
 
+/// 1 to `max` characters of `A-Z a-z 0-9 _ . -`.
+fn is_word(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
 /// User names: 1–32 characters of `A-Z a-z 0-9 _ . -`.
 pub fn validate_user_name(name: &str) -> Result<(), ChatError> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
-    if ok {
+    if is_word(name, 32) {
         Ok(())
     } else {
         Err(ChatError::bad_request(
@@ -239,12 +242,7 @@ pub fn validate_user_name(name: &str) -> Result<(), ChatError> {
 /// stores key a user's accepted cids as `<user id>:<cid>`, and an id with
 /// a `:` could name another user's cid.
 pub fn validate_user_id(id: &str) -> Result<(), ChatError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
-    if ok {
+    if is_word(id, 64) {
         Ok(())
     } else {
         Err(ChatError::bad_request(

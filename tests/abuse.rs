@@ -433,21 +433,6 @@ async fn a_nodes_room_set_shrinks_when_its_last_local_member_leaves() {
 
 // ---------------------------------------------------------------- replays
 
-/// The node's resident set size, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc/<pid>/status");
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS value");
-    kb * 1024
-}
-
 /// Fills `room` with `n` messages of about 200 characters.
 async fn fill(writer: &mut TestClient, room: &str, n: usize) {
     writer.join(room).await;

@@ -21,9 +21,6 @@ use common::*;
 use futures_util::future::join_all;
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use scalable_chat::store::keys;
 use serde_json::{json, Value};
 
@@ -114,36 +111,8 @@ impl Cluster {
         for node in &mut self.nodes {
             node.kill9();
         }
-        let work = async {
-            let client = mongo_client(&self.opts).await;
-            if let Err(e) = client.database(&self.opts.database).drop().await {
-                eprintln!("cleanup: dropping {}: {e}", self.opts.database);
-            }
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set("bootstrap.servers", &self.opts.kafka_brokers)
-                .create()
-                .expect("Kafka admin client");
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-            if let Err(e) = admin.delete_topics(&[&self.opts.topic], &options).await {
-                eprintln!("cleanup: deleting topic {}: {e}", self.opts.topic);
-            }
-            let _ = admin.delete_groups(&[&self.opts.group], &options).await;
-            match self.opts.services.try_redis().await {
-                Ok(mut conn) => {
-                    let nodes = self.nodes.iter().map(|n| n.opts.node_id.as_str());
-                    if let Err(e) = forget_in_redis(&mut conn, &self.rooms, nodes).await {
-                        eprintln!("cleanup: Redis keys: {e}");
-                    }
-                }
-                Err(e) => eprintln!("cleanup: Redis: {e}"),
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(30), work)
-            .await
-            .is_err()
-        {
-            eprintln!("cleanup did not finish within 30 s");
-        }
+        let nodes = self.nodes.iter().map(|n| n.opts.node_id.as_str());
+        self.opts.remove_leftovers(&self.rooms, nodes).await;
     }
 }
 
@@ -260,28 +229,6 @@ async fn assert_no_more_msgs(c: &mut TestClient, who: &str, room: &str) {
     }
 }
 
-/// `POST /api/v1/rooms/{room}/messages` with a bearer token.
-async fn post_message(
-    node: &TestNode,
-    token: &str,
-    room: &str,
-    text: &str,
-    cid: &str,
-) -> (u16, Value) {
-    let resp = node
-        .http()
-        .post(node.url(&format!("/api/v1/rooms/{room}/messages")))
-        .bearer_auth(token)
-        .json(&json!({ "text": text, "cid": cid }))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, body)
-}
-
 /// What a node leaves in Redis when it accepts a `send` of `cid` by `user`
 /// (gives it the room's next seq and an id) and then dies, or is still
 /// waiting for Kafka: the message is neither produced nor published.
@@ -334,7 +281,7 @@ async fn token_from_one_node_works_on_another() {
     assert_eq!(msg["user"], user_ref(&user), "{msg}");
 
     // REST on node b with node a's token.
-    let (status, body) = post_message(b, &token, &room, "over http", "t-2").await;
+    let (status, body) = b.post_message(&token, &room, "over http", "t-2").await;
     assert_eq!(status, 201, "POST with a token of another node: {body}");
     assert_eq!(body["user"], user_ref(&user), "{body}");
     assert_eq!(body["cid"], "t-2", "{body}");
@@ -380,7 +327,7 @@ async fn token_from_one_node_works_on_another() {
     forged[dot + 1] = if forged[dot + 1] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged).unwrap();
     assert_eq!(b.try_upgrade(&b.ws_url(&forged), None).await, 401);
-    let (status, body) = post_message(b, &forged, &room, "forged", "t-3").await;
+    let (status, body) = b.post_message(&forged, &room, "forged", "t-3").await;
     assert_eq!(status, 401, "{body}");
 
     ws.close().await;
@@ -623,7 +570,9 @@ async fn acked_messages_are_stored_in_mongodb_once() {
         expected.insert(m["id"].as_str().unwrap().to_string(), m);
     }
     let (carol_token, uc) = b.guest("carol").await;
-    let (status, m) = post_message(b, &carol_token, &room, "carol over http", "h-1").await;
+    let (status, m) = b
+        .post_message(&carol_token, &room, "carol over http", "h-1")
+        .await;
     assert_eq!(status, 201, "{m}");
     expected.insert(m["id"].as_str().unwrap().to_string(), m);
     // Retries of a cid through the other node, over REST and WebSocket: the
@@ -633,7 +582,7 @@ async fn acked_messages_are_stored_in_mongodb_once() {
         .find(|m| m["cid"] == "a-3")
         .unwrap()
         .clone();
-    let (status, retry) = post_message(b, &ann_token, &room, "ann says 3", "a-3").await;
+    let (status, retry) = b.post_message(&ann_token, &room, "ann says 3", "a-3").await;
     assert_eq!(status, 201, "{retry}");
     assert_eq!(
         (&retry["id"], &retry["seq"]),
@@ -985,7 +934,9 @@ async fn same_cid_through_two_nodes_makes_one_message() {
     }
 
     // The same cid by REST through node b: the same message again.
-    let (status, body) = post_message(b, &token, &room, &text_of("dup-0"), "dup-0").await;
+    let (status, body) = b
+        .post_message(&token, &room, &text_of("dup-0"), "dup-0")
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(
         (

@@ -19,9 +19,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Document};
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use scalable_chat::store::keys;
 use scalable_chat::store::scripts::text_digest;
 use serde_json::{json, Value};
@@ -123,58 +120,14 @@ impl Node {
     /// Failures are only reported: the test itself has passed by then.
     async fn cleanup(mut self) {
         self.node.kill9();
-        let work = async {
-            let client = mongo_client(&self.opts).await;
-            if let Err(e) = client.database(&self.opts.database).drop().await {
-                eprintln!("cleanup: dropping {}: {e}", self.opts.database);
-            }
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set("bootstrap.servers", &self.opts.kafka_brokers)
-                .create()
-                .expect("Kafka admin client");
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-            if let Err(e) = admin.delete_topics(&[&self.opts.topic], &options).await {
-                eprintln!("cleanup: deleting topic {}: {e}", self.opts.topic);
-            }
-            let _ = admin.delete_groups(&[&self.opts.group], &options).await;
-            match self.opts.services.try_redis().await {
-                Ok(mut conn) => {
-                    let nodes = [self.node.opts.node_id.as_str()];
-                    if let Err(e) = forget_in_redis(&mut conn, [&self.room], nodes).await {
-                        eprintln!("cleanup: Redis keys: {e}");
-                    }
-                }
-                Err(e) => eprintln!("cleanup: Redis: {e}"),
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(30), work)
-            .await
-            .is_err()
-        {
-            eprintln!("cleanup did not finish within 30 s");
-        }
+        let nodes = [self.node.opts.node_id.as_str()];
+        self.opts.remove_leftovers([&self.room], nodes).await;
     }
-}
-
-/// `POST /api/v1/rooms/{room}/messages`: the status and the JSON body.
-async fn post(node: &TestNode, token: &str, room: &str, text: &str, cid: &str) -> (u16, Value) {
-    let resp = node
-        .http()
-        .post(node.url(&format!("/api/v1/rooms/{room}/messages")))
-        .bearer_auth(token)
-        .json(&json!({ "text": text, "cid": cid }))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, body)
 }
 
 /// A post that must be answered 201; returns the message.
 async fn posted(node: &TestNode, token: &str, room: &str, text: &str, cid: &str) -> Value {
-    let (status, body) = post(node, token, room, text, cid).await;
+    let (status, body) = node.post_message(token, room, text, cid).await;
     assert_eq!(status, 201, "post {cid}: {body}");
     body
 }
@@ -347,7 +300,7 @@ async fn a_retry_with_another_text_waits_for_the_first_attempt() {
         .await
         .unwrap();
 
-    let (status, body) = post(node, &token, room, "second", "p").await;
+    let (status, body) = node.post_message(&token, room, "second", "p").await;
     assert_eq!(
         (status, &body["error"]["code"]),
         (503, &json!("unavailable")),
@@ -356,7 +309,7 @@ async fn a_retry_with_another_text_waits_for_the_first_attempt() {
 
     // The retry waits; the first attempt's own retry (same text) is
     // published meanwhile, and both answer its message.
-    let waiting = post(node, &token, room, "second", "p");
+    let waiting = node.post_message(&token, room, "second", "p");
     let first = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         posted(node, &token, room, "first", "p").await

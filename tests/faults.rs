@@ -42,8 +42,6 @@ use common::*;
 use futures_util::future::join_all;
 use futures_util::{SinkExt, TryStreamExt};
 use mongodb::bson::{doc, Document};
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use scalable_chat::store::keys;
 use serde_json::json;
@@ -173,35 +171,12 @@ impl Faulty {
         for node in &mut self.nodes {
             node.kill9();
         }
-        let work = async {
-            let client = mongo_client(&self.opts).await;
-            if let Err(e) = client.database(&self.opts.database).drop().await {
-                eprintln!("cleanup: dropping {}: {e}", self.opts.database);
-            }
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set("bootstrap.servers", &self.opts.kafka_brokers)
-                .create()
-                .expect("Kafka admin client");
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-            if let Err(e) = admin.delete_topics(&[&self.opts.topic], &options).await {
-                eprintln!("cleanup: deleting topic {}: {e}", self.opts.topic);
-            }
-            let _ = admin.delete_groups(&[&self.opts.group], &options).await;
-            if let Ok(mut conn) = self.opts.services.try_redis().await {
-                let rooms: Vec<String> = std::iter::once(&self.room)
-                    .chain(&self.more_rooms)
-                    .cloned()
-                    .collect();
-                let nodes = self.nodes.iter().map(|n| n.opts.node_id.as_str());
-                let _ = forget_in_redis(&mut conn, &rooms, nodes).await;
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(30), work)
-            .await
-            .is_err()
-        {
-            eprintln!("cleanup did not finish within 30 s");
-        }
+        let rooms: Vec<String> = std::iter::once(&self.room)
+            .chain(&self.more_rooms)
+            .cloned()
+            .collect();
+        let nodes = self.nodes.iter().map(|n| n.opts.node_id.as_str());
+        self.opts.remove_leftovers(&rooms, nodes).await;
     }
 }
 

@@ -306,21 +306,6 @@ async fn tokens_and_the_secret_never_reach_the_log() {
 
 // ---------------------------------------------------------------- memory
 
-/// The node's resident set size, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc/<pid>/status");
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS value");
-    kb * 1024
-}
-
 /// A 2 MiB `send` in 1 KiB continuation frames.
 fn fragmented_2mib() -> Vec<Message> {
     let total = 2 * 1024 * 1024;

@@ -26,7 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use scalable_chat::store::kafka_scan::partition_of;
 use scalable_chat::store::keys;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// How long a bounded wait of these tests may last before it fails.
 const WITHIN: Duration = Duration::from_secs(60);
@@ -35,18 +35,8 @@ const WITHIN: Duration = Duration::from_secs(60);
 
 /// `POST /api/v1/rooms/{room}/messages`: the status and the body.
 async fn post(node: &TestNode, token: &str, room: &str, cid: &str) -> (u16, Value) {
-    let resp = node
-        .http()
-        .post(node.url(&format!("/api/v1/rooms/{room}/messages")))
-        .bearer_auth(token)
-        .json(&json!({ "text": format!("text of {cid}"), "cid": cid }))
-        .send()
+    node.post_message(token, room, &format!("text of {cid}"), cid)
         .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, body)
 }
 
 /// Posts and expects the stored message back; returns its seq and id.
@@ -94,26 +84,8 @@ impl Cluster {
     /// Redis keys; failures are only reported.
     async fn cleanup(mut self) {
         self.node.kill9();
-        let work = async {
-            let client = mongo_client(&self.opts).await;
-            let _ = client.database(&self.opts.database).drop().await;
-            let admin = admin(&self.opts.kafka_brokers);
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-            let _ = admin.delete_topics(&[&self.opts.topic], &options).await;
-            let _ = admin.delete_groups(&[&self.opts.group], &options).await;
-            if let Ok(mut conn) = self.opts.services.try_redis().await {
-                let node = [self.node.opts.node_id.as_str()];
-                if let Err(e) = forget_in_redis(&mut conn, &self.rooms, node).await {
-                    eprintln!("cleanup: Redis keys: {e}");
-                }
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(30), work)
-            .await
-            .is_err()
-        {
-            eprintln!("cleanup did not finish within 30 s");
-        }
+        let nodes = [self.node.opts.node_id.as_str()];
+        self.opts.remove_leftovers(&self.rooms, nodes).await;
     }
 }
 

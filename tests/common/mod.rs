@@ -31,8 +31,9 @@ pub use assert::{
 pub use client::{TestClient, WsEvent, RECV_TIMEOUT};
 #[allow(unused_imports)]
 pub use node::{
-    base_command, binary, free_port, http_client, metric_value, minimal_config, run_to_exit,
-    start_expect_failure, NodeOpts, TestNode, CLUSTER_START_TIMEOUT, SECRET, START_TIMEOUT,
+    base_command, binary, free_port, http_client, metric_value, minimal_config, rss_bytes,
+    run_to_exit, start_expect_failure, NodeOpts, TestNode, CLUSTER_START_TIMEOUT, SECRET,
+    START_TIMEOUT,
 };
 #[allow(unused_imports)]
 pub use services::{

@@ -475,6 +475,29 @@ impl TestNode {
     }
 
     /// `GET path`: the status and the JSON body.
+    /// `POST /api/v1/rooms/{room}/messages` with a bearer token: the
+    /// status and the body (JSON, or the text as a JSON string).
+    pub async fn post_message(
+        &self,
+        token: &str,
+        room: &str,
+        text: &str,
+        cid: &str,
+    ) -> (u16, Value) {
+        let resp = self
+            .http()
+            .post(self.url(&format!("/api/v1/rooms/{room}/messages")))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "text": text, "cid": cid }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let resp = self.http().get(self.url(path)).send().await.unwrap();
         let status = resp.status().as_u16();
@@ -654,4 +677,20 @@ secret = "{SECRET}"
 "#,
         toml_escape(&dir.join("data").display().to_string())
     )
+}
+
+/// The resident set size of process `pid`, in bytes (`VmRSS` of
+/// `/proc/<pid>/status`).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/<pid>/status");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS value");
+    kb * 1024
 }

@@ -308,6 +308,56 @@ pub async fn forget_in_redis<'a>(
     Ok(())
 }
 
+impl ClusterOpts {
+    /// Removes what a test of these settings left in the services: its
+    /// MongoDB database, Kafka topic and consumer group, and the Redis keys
+    /// of `rooms` and `nodes`. Failures are only reported (the test has
+    /// passed or failed by then), and it gives up after 30 s.
+    pub async fn remove_leftovers<'a>(
+        &self,
+        rooms: impl IntoIterator<Item = &'a String>,
+        nodes: impl IntoIterator<Item = &'a str>,
+    ) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        use rdkafka::ClientConfig;
+        let work = async {
+            let client = mongo_client(self).await;
+            if let Err(e) = client.database(&self.database).drop().await {
+                eprintln!("cleanup: dropping {}: {e}", self.database);
+            }
+            let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+                .set("bootstrap.servers", &self.kafka_brokers)
+                .create();
+            match admin {
+                Ok(admin) => {
+                    let options =
+                        AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+                    if let Err(e) = admin.delete_topics(&[&self.topic], &options).await {
+                        eprintln!("cleanup: deleting topic {}: {e}", self.topic);
+                    }
+                    let _ = admin.delete_groups(&[&self.group], &options).await;
+                }
+                Err(e) => eprintln!("cleanup: Kafka admin client: {e}"),
+            }
+            match self.services.try_redis().await {
+                Ok(mut conn) => {
+                    if let Err(e) = forget_in_redis(&mut conn, rooms, nodes).await {
+                        eprintln!("cleanup: Redis keys: {e}");
+                    }
+                }
+                Err(e) => eprintln!("cleanup: Redis: {e}"),
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), work)
+            .await
+            .is_err()
+        {
+            eprintln!("cleanup did not finish within 30 s");
+        }
+    }
+}
+
 /// A short lowercase unique tag (a ULID) for names of topics, databases,
 /// rooms and nodes.
 pub fn unique_tag() -> String {
