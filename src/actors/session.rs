@@ -6,10 +6,11 @@
 //! that moving to another WebSocket crate touches only it. Frames for the
 //! session come through its [`SessionOutbox`], which applies the
 //! slow-reader policy; a join's replay is the plain state of
-//! [`super::replay`], driven from here, one replay at a time. A client that takes no bytes at all
-//! keeps its session parked behind the full socket; the kernel drops such a
-//! connection after [`STALLED_SOCKET_TIMEOUT`] (`TCP_USER_TIMEOUT`, set on
-//! every accepted socket).
+//! [`super::replay`], driven from here, one replay at a time. A client
+//! that takes no bytes at all keeps its session parked behind the full
+//! socket; the kernel drops such a connection after
+//! [`STALLED_SOCKET_TIMEOUT`] (`TCP_USER_TIMEOUT`, set on every accepted
+//! socket).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
