@@ -473,7 +473,7 @@ async fn service_passwords_never_reach_the_log_readyz_or_frames() {
     let room = format!("edge-{tag}");
     let (mut a, _, _) = node.user("ann").await;
     a.join(&room).await;
-    a.send_acked(&room, "hello", "c1").await;
+    a.send_msg(&room, "hello", "c1").await;
     let mut frames = vec![
         a.expect_error(tokio_tungstenite::tungstenite::Message::Text(
             "not json".into(),
