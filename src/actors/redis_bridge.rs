@@ -41,6 +41,12 @@ use crate::store::redis::{self as store_redis, RedisConn};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// How long a room's subscription waits for the node's first pub/sub
+/// connection to come up before the room goes on without it (its rooms are
+/// subscribed when it comes). After an outage rooms do not wait: they are
+/// subscribed and resynced on the reconnect.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+
 /// Start relaying a room (it has a local member now); resolves once Redis
 /// confirmed the subscription, so a history read after it misses nothing.
 #[derive(Message)]
@@ -164,6 +170,13 @@ pub struct RedisBridge {
     /// connection (see [`Rejoin`]).
     rejoining: bool,
     node_rooms: NodeRooms,
+    /// Subscriptions made before the first pub/sub connection is up:
+    /// answered once it is and their rooms are subscribed, so that a room
+    /// of a node just started does not tell its first member it has joined
+    /// before it can hear the other nodes.
+    waiting: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The pub/sub connection has been up once.
+    listened: bool,
 }
 
 impl RedisBridge {
@@ -190,7 +203,32 @@ impl RedisBridge {
             generation: 0,
             rejoining: false,
             node_rooms: NodeRooms::default(),
+            waiting: Vec::new(),
+            listened: false,
         }
+    }
+
+    /// Whether the pub/sub connection is up.
+    fn listening(&self) -> bool {
+        match &self.listener {
+            Listener::Single { sink, .. } => sink.is_some(),
+            Listener::Cluster { conn } => conn.is_some(),
+        }
+    }
+
+    /// Subscribes to the channels of every room, then answers the
+    /// subscriptions that waited for the connection.
+    fn subscribe_all(&mut self) -> futures_util::future::BoxFuture<'static, ()> {
+        let channels: Vec<String> = self.rooms.iter().map(|r| keys::channel(r)).collect();
+        let subscribing = self.subscribe(channels);
+        let waiting = std::mem::take(&mut self.waiting);
+        self.listened = true;
+        Box::pin(async move {
+            subscribing.await;
+            for waiter in waiting {
+                let _ = waiter.send(());
+            }
+        })
     }
 
     /// Notes whether `room` has local members, for the node's room set.
@@ -442,8 +480,7 @@ impl Handler<Connected> for RedisBridge {
         if let Listener::Single { sink, .. } = &mut self.listener {
             *sink = msg.sink;
         }
-        let channels: Vec<String> = self.rooms.iter().map(|r| keys::channel(r)).collect();
-        let subscribing = self.subscribe(channels);
+        let subscribing = self.subscribe_all();
         let registry = self.registry.clone();
         ctx.spawn(
             async move {
@@ -469,8 +506,7 @@ impl Handler<ClusterUp> for RedisBridge {
         self.listener = Listener::Cluster {
             conn: Some(msg.conn),
         };
-        let channels: Vec<String> = self.rooms.iter().map(|r| keys::channel(r)).collect();
-        ctx.spawn(self.subscribe(channels).into_actor(self));
+        ctx.spawn(self.subscribe_all().into_actor(self));
     }
 }
 
@@ -575,6 +611,14 @@ impl Handler<Subscribe> for RedisBridge {
             return Box::pin(async {});
         }
         self.note_room(&msg.room, true, ctx);
+        if !self.listening() && !self.listened {
+            // Subscribed when the first connection comes up.
+            let (done, subscribed) = tokio::sync::oneshot::channel();
+            self.waiting.push(done);
+            return Box::pin(async move {
+                let _ = tokio::time::timeout(SUBSCRIBE_WAIT, subscribed).await;
+            });
+        }
         self.subscribe(vec![keys::channel(&msg.room)])
     }
 }
