@@ -228,26 +228,41 @@ async fn connect_all(
 /// Reads a subscriber until it closes: counts messages, answers heartbeats.
 fn spawn_reader(mut ws: Ws, p: Proto, stats: Arc<Stats>) {
     tokio::spawn(async move {
-        while let Some(m) = ws.next().await {
+        let mut cause = "end of stream".to_string();
+        'read: while let Some(m) = ws.next().await {
             match m {
                 Ok(Message::Text(t)) => {
-                    if let Some(r) = p.heartbeat_reply(&t) {
-                        if ws.send(Message::text(r)).await.is_err() {
-                            break;
+                    for reply in p.replies(&t) {
+                        if let Some(r) = p.heartbeat_reply(reply) {
+                            if ws.send(Message::text(r)).await.is_err() {
+                                cause = "send failed".to_string();
+                                break 'read;
+                            }
+                        } else {
+                            if p.is_error(reply) {
+                                stats.errors.fetch_add(1, Relaxed);
+                            }
+                            stats.on_frame(reply, now_us());
                         }
-                    } else {
-                        if p.is_error(&t) {
-                            stats.errors.fetch_add(1, Relaxed);
-                        }
-                        stats.on_frame(&t, now_us());
                     }
                 }
-                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(Message::Close(frame)) => {
+                    cause = match frame {
+                        Some(f) => format!("close {} {}", u16::from(f.code), f.reason),
+                        None => "close without a code".to_string(),
+                    };
+                    break;
+                }
+                Err(e) => {
+                    cause = format!("error: {e}");
+                    break;
+                }
                 Ok(_) => {}
             }
         }
         stats.open.fetch_sub(1, Relaxed);
         stats.dropped.fetch_add(1, Relaxed);
+        stats.drop_cause(cause);
     });
 }
 
@@ -315,6 +330,7 @@ async fn measure(b: &Bench, label: &str, secs: f64) -> Value {
         "p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2], "p999_ms": q[3],
         "errors": s.errors.load(Relaxed) - e0,
         "dropped": s.dropped.load(Relaxed) - x0,
+        "drop_causes": s.take_drop_causes(),
         "open": s.open.load(Relaxed),
         "server_cpu_pct": (c1.saturating_sub(c0)) as f64 / HZ / el * 100.0,
         "server_rss_mib": rss as f64 / 1024.0,
@@ -362,12 +378,14 @@ fn spawn_publisher(
                 }
                 m = ws.next() => match m {
                     Some(Ok(Message::Text(t))) => {
-                        if let Some(reply) = p.heartbeat_reply(&t) {
-                            if ws.send(Message::text(reply)).await.is_err() { return; }
-                        } else if p.is_ack(&t) {
-                            stats.acked.fetch_add(1, Relaxed);
-                        } else if p.is_error(&t) {
-                            stats.errors.fetch_add(1, Relaxed);
+                        for r in p.replies(&t) {
+                            if let Some(reply) = p.heartbeat_reply(r) {
+                                if ws.send(Message::text(reply)).await.is_err() { return; }
+                            } else if p.is_ack(r) {
+                                stats.acked.fetch_add(1, Relaxed);
+                            } else if p.is_error(r) {
+                                stats.errors.fetch_add(1, Relaxed);
+                            }
                         }
                     }
                     Some(Ok(_)) => {}
@@ -489,13 +507,17 @@ async fn rooms(b: &Bench, o: &Opts) -> Result<Value, Error> {
                     }
                     m = ws.next() => match m {
                         Some(Ok(Message::Text(t))) => {
-                            if let Some(reply) = p.heartbeat_reply(&t) {
-                                if ws.send(Message::text(reply)).await.is_err() { break; }
-                            } else {
-                                if p.is_ack(&t) { stats.acked.fetch_add(1, Relaxed); }
-                                else if p.is_error(&t) { stats.errors.fetch_add(1, Relaxed); }
-                                stats.on_frame(&t, now_us());
+                            let mut failed = false;
+                            for r in p.replies(&t) {
+                                if let Some(reply) = p.heartbeat_reply(r) {
+                                    if ws.send(Message::text(reply)).await.is_err() { failed = true; break; }
+                                } else {
+                                    if p.is_ack(r) { stats.acked.fetch_add(1, Relaxed); }
+                                    else if p.is_error(r) { stats.errors.fetch_add(1, Relaxed); }
+                                    stats.on_frame(r, now_us());
+                                }
                             }
+                            if failed { break; }
                         }
                         Some(Ok(_)) => {}
                         _ => break,
@@ -620,12 +642,14 @@ async fn durable(b: &Bench, o: &Opts) -> Result<Value, Error> {
                 }
                 match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
                     Ok(Some(Ok(Message::Text(t)))) => {
-                        if p.is_ack(&t) {
-                            stats.acked.fetch_add(1, Relaxed);
-                            inflight -= 1;
-                        } else if p.is_error(&t) {
-                            stats.errors.fetch_add(1, Relaxed);
-                            inflight = inflight.saturating_sub(1);
+                        for r in p.replies(&t) {
+                            if p.is_ack(r) {
+                                stats.acked.fetch_add(1, Relaxed);
+                                inflight = inflight.saturating_sub(1);
+                            } else if p.is_error(r) {
+                                stats.errors.fetch_add(1, Relaxed);
+                                inflight = inflight.saturating_sub(1);
+                            }
                         }
                     }
                     Ok(Some(Ok(_))) => {}

@@ -62,7 +62,17 @@ impl Proto {
         }
     }
 
-    /// The answer a client owes to a server heartbeat frame, if `frame` is one.
+    /// The replies one WebSocket frame carries. Centrifugo's JSON transport
+    /// packs several replies (pings, publish answers, publications) into
+    /// one frame, one per line; every other protocol sends one per frame.
+    pub fn replies(self, frame: &str) -> impl Iterator<Item = &str> {
+        let packed = matches!(self, Proto::Centrifugo);
+        let mut whole = Some(frame).filter(|_| !packed);
+        let mut lines = frame.split('\n').filter(move |r| packed && !r.is_empty());
+        std::iter::from_fn(move || whole.take().or_else(|| lines.next()))
+    }
+
+    /// The answer a client owes to a server heartbeat reply, if `frame` is one.
     pub fn heartbeat_reply(self, frame: &str) -> Option<&'static str> {
         match self {
             Proto::SocketIo if frame == "2" => Some("3"),
@@ -223,4 +233,37 @@ pub async fn open(t: &Target, i: usize, room: Option<&str>) -> Result<Ws, Error>
         }
     }
     Ok(ws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn centrifugo_frames_are_split_into_their_replies() {
+        let frame = "{}\n{\"id\":12,\"publish\":{}}\n{\"push\":{\"pub\":{}}}";
+        let replies: Vec<&str> = Proto::Centrifugo.replies(frame).collect();
+        assert_eq!(
+            replies,
+            ["{}", r#"{"id":12,"publish":{}}"#, r#"{"push":{"pub":{}}}"#]
+        );
+        let p = Proto::Centrifugo;
+        assert_eq!(
+            replies
+                .iter()
+                .filter(|r| p.heartbeat_reply(r).is_some())
+                .count(),
+            1
+        );
+        assert_eq!(replies.iter().filter(|r| p.is_ack(r)).count(), 1);
+        assert_eq!(Proto::Centrifugo.replies("{}").collect::<Vec<_>>(), ["{}"]);
+    }
+
+    #[test]
+    fn other_frames_are_one_reply_each() {
+        let frame = "{\"op\":\"msg\",\"text\":\"a\\nb\"}";
+        for p in [Proto::Ours, Proto::Raw, Proto::SocketIo] {
+            assert_eq!(p.replies(frame).collect::<Vec<_>>(), [frame]);
+        }
+    }
 }

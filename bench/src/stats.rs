@@ -1,6 +1,8 @@
 //! Shared counters, a lock-free latency histogram, and /proc sampling.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::proto::MARK;
@@ -75,6 +77,9 @@ pub struct Stats {
     pub errors: AtomicU64,
     pub open: AtomicU64,
     pub dropped: AtomicU64,
+    /// Why subscribers were dropped: the close code and reason, or the
+    /// error, with how many times each.
+    drop_causes: Mutex<BTreeMap<String, u64>>,
     pub hist: Hist,
 }
 
@@ -87,8 +92,21 @@ impl Stats {
             errors: AtomicU64::new(0),
             open: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            drop_causes: Mutex::new(BTreeMap::new()),
             hist: Hist::new(),
         }
+    }
+
+    /// Notes why a subscriber was dropped.
+    pub fn drop_cause(&self, cause: String) {
+        let mut causes = self.drop_causes.lock().unwrap_or_else(|e| e.into_inner());
+        *causes.entry(cause).or_insert(0) += 1;
+    }
+
+    /// The drop causes noted since the last call, and forgets them.
+    pub fn take_drop_causes(&self) -> BTreeMap<String, u64> {
+        let mut causes = self.drop_causes.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *causes)
     }
 
     /// Counts every message in `frame` and records its latency.
