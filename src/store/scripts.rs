@@ -200,10 +200,19 @@ impl Scripts {
     /// after their last message.
     pub fn new(room_idle_ttl_secs: u64) -> Self {
         Self {
-            accept: Script::new(include_str!("lua/accept.lua")),
-            recall: Script::new(include_str!("lua/recall.lua")),
+            accept: Script::new(concat!(
+                include_str!("lua/cid.lua"),
+                include_str!("lua/accept.lua")
+            )),
+            recall: Script::new(concat!(
+                include_str!("lua/cid.lua"),
+                include_str!("lua/recall.lua")
+            )),
             seed: Script::new(include_str!("lua/seed.lua")),
-            deliver: Script::new(include_str!("lua/deliver.lua")),
+            deliver: Script::new(concat!(
+                include_str!("lua/cid.lua"),
+                include_str!("lua/deliver.lua")
+            )),
             open_gap: Script::new(include_str!("lua/open_gap.lua")),
             raise_watermark: Script::new(include_str!("lua/raise_watermark.lua")),
             room_idle_ttl_secs,

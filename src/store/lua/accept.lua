@@ -34,21 +34,9 @@
 --                           room, a room idle long enough to leave Redis,
 --                           or Redis lost its data)
 
-local prior = nil
-for i = 3, #KEYS do
-  prior = redis.call('HGET', KEYS[i], ARGV[1])
-  if prior then
-    break
-  end
-end
+local prior = remembered(3, ARGV[1])
 if prior then
-  local mark = string.sub(prior, -2)
-  if mark == ' d' then
-    return {'published', string.sub(prior, 1, -3)}
-  elseif mark == ' r' then
-    return {'resequenced', string.sub(prior, 1, -3)}
-  end
-  return {'pending', prior}
+  return {state_of(prior)}
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'unseeded'}

@@ -55,21 +55,13 @@
 --                         this attempt or an earlier one)
 
 local seq = tonumber(ARGV[1])
-local place = nil
-local prior = nil
-for i = 5, #KEYS do
-  prior = redis.call('HGET', KEYS[i], ARGV[7])
-  if prior then
-    place = KEYS[i]
-    break
-  end
-end
+local prior, place = remembered(5, ARGV[7])
 if prior then
-  local mark = string.sub(prior, -2)
-  if mark == ' d' then
-    return {'earlier', tonumber(string.match(prior, '^%d+'))}
-  elseif mark == ' r' then
-    return {'resequenced', tonumber(string.match(prior, '^%d+'))}
+  local state, value = state_of(prior)
+  if state == 'published' then
+    return {'earlier', tonumber(string.match(value, '^%d+'))}
+  elseif state == 'resequenced' then
+    return {'resequenced', tonumber(string.match(value, '^%d+'))}
   end
 end
 local function remember(value)

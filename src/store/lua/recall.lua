@@ -12,16 +12,8 @@
 --   {'resequenced', prior}  published under a new seq
 --   {'forgotten'}           the room does not remember the cid
 
-for i = 1, #KEYS do
-  local prior = redis.call('HGET', KEYS[i], ARGV[1])
-  if prior then
-    local mark = string.sub(prior, -2)
-    if mark == ' d' then
-      return {'published', string.sub(prior, 1, -3)}
-    elseif mark == ' r' then
-      return {'resequenced', string.sub(prior, 1, -3)}
-    end
-    return {'pending', prior}
-  end
+local prior = remembered(1, ARGV[1])
+if prior then
+  return {state_of(prior)}
 end
 return {'forgotten'}
