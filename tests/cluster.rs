@@ -79,29 +79,7 @@ impl Cluster {
     /// Polls MongoDB until it holds at least `want` messages of `room`;
     /// returns them (sorted by seq).
     async fn wait_stored(&self, room: &str, want: usize) -> Vec<Document> {
-        let coll = self.messages().await;
-        let started = Instant::now();
-        loop {
-            let mut docs: Vec<Document> = coll
-                .find(doc! { "room": room })
-                .await
-                .expect("MongoDB find")
-                .try_collect()
-                .await
-                .expect("MongoDB cursor");
-            if docs.len() >= want {
-                docs.sort_by_key(|d| bson_int(d.get("seq")));
-                return docs;
-            }
-            assert!(
-                started.elapsed() < STORE_WITHIN,
-                "MongoDB database {} holds {} of the {want} acked messages of room {room} \
-                 after {STORE_WITHIN:?}: the persist workers did not store them",
-                self.opts.database,
-                docs.len()
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        self.opts.wait_stored(room, want, STORE_WITHIN).await
     }
 
     /// Stops the nodes and removes what the test left in the services: its

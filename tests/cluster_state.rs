@@ -17,7 +17,6 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use scalable_chat::store::keys;
 use scalable_chat::store::scripts::text_digest;
@@ -60,31 +59,7 @@ impl Node {
     /// Polls MongoDB until it holds at least `want` messages of the room;
     /// returns them (sorted by seq).
     async fn wait_stored(&self, want: usize) -> Vec<Document> {
-        let coll = mongo_client(&self.opts)
-            .await
-            .database(&self.opts.database)
-            .collection::<Document>("messages");
-        let started = Instant::now();
-        loop {
-            let mut docs: Vec<Document> = coll
-                .find(doc! { "room": &self.room })
-                .await
-                .expect("MongoDB find")
-                .try_collect()
-                .await
-                .expect("MongoDB cursor");
-            if docs.len() >= want {
-                docs.sort_by_key(|d| bson_int(d.get("seq")));
-                return docs;
-            }
-            assert!(
-                started.elapsed() < STORE_WITHIN,
-                "MongoDB holds {} of the {want} acked messages of {} after {STORE_WITHIN:?}",
-                docs.len(),
-                self.room
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        self.opts.wait_stored(&self.room, want, STORE_WITHIN).await
     }
 
     /// Every key of the room in Redis (`chat:{room}:*`), read with `SCAN`

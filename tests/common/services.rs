@@ -309,6 +309,45 @@ pub async fn forget_in_redis<'a>(
 }
 
 impl ClusterOpts {
+    /// Polls the test database until it holds at least `want` messages of
+    /// `room`, for up to `within`; returns them sorted by seq, or fails
+    /// saying the persist workers did not store them.
+    pub async fn wait_stored(
+        &self,
+        room: &str,
+        want: usize,
+        within: Duration,
+    ) -> Vec<mongodb::bson::Document> {
+        use futures_util::TryStreamExt;
+        use mongodb::bson::{doc, Document};
+        let coll = mongo_client(self)
+            .await
+            .database(&self.database)
+            .collection::<Document>("messages");
+        let started = std::time::Instant::now();
+        loop {
+            let mut docs: Vec<Document> = coll
+                .find(doc! { "room": room })
+                .await
+                .expect("MongoDB find")
+                .try_collect()
+                .await
+                .expect("MongoDB cursor");
+            if docs.len() >= want {
+                docs.sort_by_key(|d| bson_int(d.get("seq")));
+                return docs;
+            }
+            assert!(
+                started.elapsed() < within,
+                "MongoDB database {} holds {} of the {want} acked messages of room {room} \
+                 after {within:?}: the persist workers did not store them",
+                self.database,
+                docs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Removes what a test of these settings left in the services: its
     /// MongoDB database, Kafka topic and consumer group, and the Redis keys
     /// of `rooms` and `nodes`. Failures are only reported (the test has
