@@ -231,21 +231,6 @@ fn spawn_reader(mut ws: Ws, p: Proto, stats: Arc<Stats>) {
         let mut cause = "end of stream".to_string();
         'read: while let Some(m) = ws.next().await {
             match m {
-                Ok(Message::Text(t)) => {
-                    for reply in p.replies(&t) {
-                        if let Some(r) = p.heartbeat_reply(reply) {
-                            if ws.send(Message::text(r)).await.is_err() {
-                                cause = "send failed".to_string();
-                                break 'read;
-                            }
-                        } else {
-                            if p.is_error(reply) {
-                                stats.errors.fetch_add(1, Relaxed);
-                            }
-                            stats.on_frame(reply, now_us());
-                        }
-                    }
-                }
                 Ok(Message::Close(frame)) => {
                     cause = match frame {
                         Some(f) => format!("close {} {}", u16::from(f.code), f.reason),
@@ -257,7 +242,21 @@ fn spawn_reader(mut ws: Ws, p: Proto, stats: Arc<Stats>) {
                     cause = format!("error: {e}");
                     break;
                 }
-                Ok(_) => {}
+                Ok(m) => {
+                    for reply in p.replies(&m) {
+                        if let Some(answer) = p.heartbeat_reply(&reply) {
+                            if ws.send(answer).await.is_err() {
+                                cause = "send failed".to_string();
+                                break 'read;
+                            }
+                        } else {
+                            if p.is_error(&reply) {
+                                stats.errors.fetch_add(1, Relaxed);
+                            }
+                            stats.on_frame(&reply, now_us());
+                        }
+                    }
+                }
             }
         }
         stats.open.fetch_sub(1, Relaxed);
@@ -364,7 +363,7 @@ fn spawn_publisher(
                     for _ in 0..todo {
                         n += 1;
                         let f = p.publish(&room, &payload(size), n);
-                        if ws.feed(Message::text(f)).await.is_err() { return; }
+                        if ws.feed(f).await.is_err() { return; }
                         stats.sent.fetch_add(1, Relaxed);
                     }
                     done += todo;
@@ -377,18 +376,17 @@ fn spawn_publisher(
                     done = 0;
                 }
                 m = ws.next() => match m {
-                    Some(Ok(Message::Text(t))) => {
-                        for r in p.replies(&t) {
-                            if let Some(reply) = p.heartbeat_reply(r) {
-                                if ws.send(Message::text(reply)).await.is_err() { return; }
-                            } else if p.is_ack(r) {
+                    Some(Ok(m)) => {
+                        for r in p.replies(&m) {
+                            if let Some(answer) = p.heartbeat_reply(&r) {
+                                if ws.send(answer).await.is_err() { return; }
+                            } else if p.is_ack(&r) {
                                 stats.acked.fetch_add(1, Relaxed);
-                            } else if p.is_error(r) {
+                            } else if p.is_error(&r) {
                                 stats.errors.fetch_add(1, Relaxed);
                             }
                         }
                     }
-                    Some(Ok(_)) => {}
                     _ => { stats.errors.fetch_add(1, Relaxed); return; }
                 },
             }
@@ -502,24 +500,23 @@ async fn rooms(b: &Bench, o: &Opts) -> Result<Value, Error> {
                     _ = tokio::time::sleep_until(next) => {
                         next += Duration::from_secs_f64(period);
                         k += 1;
-                        if ws.send(Message::text(p.publish(&room, &payload(size), k))).await.is_err() { break; }
+                        if ws.send(p.publish(&room, &payload(size), k)).await.is_err() { break; }
                         stats.sent.fetch_add(1, Relaxed);
                     }
                     m = ws.next() => match m {
-                        Some(Ok(Message::Text(t))) => {
+                        Some(Ok(m)) => {
                             let mut failed = false;
-                            for r in p.replies(&t) {
-                                if let Some(reply) = p.heartbeat_reply(r) {
-                                    if ws.send(Message::text(reply)).await.is_err() { failed = true; break; }
+                            for r in p.replies(&m) {
+                                if let Some(answer) = p.heartbeat_reply(&r) {
+                                    if ws.send(answer).await.is_err() { failed = true; break; }
                                 } else {
-                                    if p.is_ack(r) { stats.acked.fetch_add(1, Relaxed); }
-                                    else if p.is_error(r) { stats.errors.fetch_add(1, Relaxed); }
-                                    stats.on_frame(r, now_us());
+                                    if p.is_ack(&r) { stats.acked.fetch_add(1, Relaxed); }
+                                    else if p.is_error(&r) { stats.errors.fetch_add(1, Relaxed); }
+                                    stats.on_frame(&r, now_us());
                                 }
                             }
                             if failed { break; }
                         }
-                        Some(Ok(_)) => {}
                         _ => break,
                     },
                 }
@@ -624,11 +621,7 @@ async fn durable(b: &Bench, o: &Opts) -> Result<Value, Error> {
                 let stopping = *stop.borrow();
                 while !stopping && inflight < window {
                     k += 1;
-                    if ws
-                        .feed(Message::text(p.publish(&room, &payload(size), k)))
-                        .await
-                        .is_err()
-                    {
+                    if ws.feed(p.publish(&room, &payload(size), k)).await.is_err() {
                         return;
                     }
                     stats.sent.fetch_add(1, Relaxed);
@@ -641,18 +634,21 @@ async fn durable(b: &Bench, o: &Opts) -> Result<Value, Error> {
                     return;
                 }
                 match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-                    Ok(Some(Ok(Message::Text(t)))) => {
-                        for r in p.replies(&t) {
-                            if p.is_ack(r) {
+                    Ok(Some(Ok(m))) => {
+                        for r in p.replies(&m) {
+                            if let Some(answer) = p.heartbeat_reply(&r) {
+                                if ws.send(answer).await.is_err() {
+                                    return;
+                                }
+                            } else if p.is_ack(&r) {
                                 stats.acked.fetch_add(1, Relaxed);
                                 inflight = inflight.saturating_sub(1);
-                            } else if p.is_error(r) {
+                            } else if p.is_error(&r) {
                                 stats.errors.fetch_add(1, Relaxed);
                                 inflight = inflight.saturating_sub(1);
                             }
                         }
                     }
-                    Ok(Some(Ok(_))) => {}
                     _ => {
                         stats.errors.fetch_add(1, Relaxed);
                         return;

@@ -1,5 +1,6 @@
 //! The three wire protocols (plus the raw baseline's subset of ours).
 
+use std::borrow::Cow;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -48,7 +49,11 @@ impl Proto {
     }
 
     /// The frame that publishes `text` to `room`; `n` numbers it.
-    pub fn publish(self, room: &str, text: &str, n: u64) -> String {
+    pub fn publish(self, room: &str, text: &str, n: u64) -> Message {
+        Message::text(self.publish_text(room, text, n))
+    }
+
+    fn publish_text(self, room: &str, text: &str, n: u64) -> String {
         match self {
             Proto::Ours => {
                 format!(r#"{{"op":"send","room":"{room}","text":"{text}","cid":"c{n}"}}"#)
@@ -62,21 +67,29 @@ impl Proto {
         }
     }
 
-    /// The replies one WebSocket frame carries. Centrifugo's JSON transport
-    /// packs several replies (pings, publish answers, publications) into
-    /// one frame, one per line; every other protocol sends one per frame.
-    pub fn replies(self, frame: &str) -> impl Iterator<Item = &str> {
+    /// The replies one WebSocket message carries, as text. Centrifugo's
+    /// JSON transport packs several replies (pings, publish answers,
+    /// publications) into one frame, one per line; every other protocol
+    /// sends one per frame. Control frames carry none.
+    pub fn replies(self, m: &Message) -> Vec<Cow<'_, str>> {
+        match m {
+            Message::Text(t) => self.text_replies(t).map(Cow::Borrowed).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn text_replies(self, frame: &str) -> impl Iterator<Item = &str> {
         let packed = matches!(self, Proto::Centrifugo);
         let mut whole = Some(frame).filter(|_| !packed);
         let mut lines = frame.split('\n').filter(move |r| packed && !r.is_empty());
         std::iter::from_fn(move || whole.take().or_else(|| lines.next()))
     }
 
-    /// The answer a client owes to a server heartbeat reply, if `frame` is one.
-    pub fn heartbeat_reply(self, frame: &str) -> Option<&'static str> {
+    /// The answer a client owes to a server heartbeat reply, if `reply` is one.
+    pub fn heartbeat_reply(self, reply: &str) -> Option<Message> {
         match self {
-            Proto::SocketIo if frame == "2" => Some("3"),
-            Proto::Centrifugo if frame == "{}" => Some("{}"),
+            Proto::SocketIo if reply == "2" => Some(Message::text("3")),
+            Proto::Centrifugo if reply == "{}" => Some(Message::text("{}")),
             _ => None,
         }
     }
@@ -168,16 +181,17 @@ async fn until(ws: &mut Ws, proto: Proto, done: impl Fn(&str) -> bool) -> Result
     loop {
         let next = tokio::time::timeout_at(deadline, ws.next()).await?;
         match next {
-            Some(Ok(Message::Text(t))) => {
-                if let Some(r) = proto.heartbeat_reply(&t) {
-                    ws.send(Message::text(r)).await?;
-                } else if done(&t) {
-                    return Ok(t);
-                } else if proto.is_error(&t) {
-                    return Err(format!("refused: {t}").into());
+            Some(Ok(m)) => {
+                for r in proto.replies(&m) {
+                    if let Some(answer) = proto.heartbeat_reply(&r) {
+                        ws.send(answer).await?;
+                    } else if done(&r) {
+                        return Ok(r.into_owned());
+                    } else if proto.is_error(&r) {
+                        return Err(format!("refused: {r}").into());
+                    }
                 }
             }
-            Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e.into()),
             None => return Err("closed during the handshake".into()),
         }
@@ -242,7 +256,8 @@ mod tests {
     #[test]
     fn centrifugo_frames_are_split_into_their_replies() {
         let frame = "{}\n{\"id\":12,\"publish\":{}}\n{\"push\":{\"pub\":{}}}";
-        let replies: Vec<&str> = Proto::Centrifugo.replies(frame).collect();
+        let m = Message::text(frame);
+        let replies: Vec<Cow<str>> = Proto::Centrifugo.replies(&m);
         assert_eq!(
             replies,
             ["{}", r#"{"id":12,"publish":{}}"#, r#"{"push":{"pub":{}}}"#]
@@ -256,14 +271,14 @@ mod tests {
             1
         );
         assert_eq!(replies.iter().filter(|r| p.is_ack(r)).count(), 1);
-        assert_eq!(Proto::Centrifugo.replies("{}").collect::<Vec<_>>(), ["{}"]);
+        assert_eq!(Proto::Centrifugo.replies(&Message::text("{}")), ["{}"]);
     }
 
     #[test]
     fn other_frames_are_one_reply_each() {
         let frame = "{\"op\":\"msg\",\"text\":\"a\\nb\"}";
         for p in [Proto::Ours, Proto::Raw, Proto::SocketIo] {
-            assert_eq!(p.replies(frame).collect::<Vec<_>>(), [frame]);
+            assert_eq!(p.replies(&Message::text(frame)), [frame]);
         }
     }
 }

@@ -255,7 +255,7 @@ async fn sender(
                     sent += 1;
                     let n = (id << 32) + sent;
                     let frame = Proto::Ours.publish(&room, &payload(size), n);
-                    if ws.feed(Message::text(frame)).await.is_err() {
+                    if ws.feed(frame).await.is_err() {
                         sh.stats.errors.fetch_add(1, Relaxed);
                         return;
                     }
