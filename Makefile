@@ -4,7 +4,7 @@ CARGO ?= cargo
 NPM ?= npm
 CONFIG ?= config/default.toml
 
-.PHONY: flood run test test-all lint unit-test cluster-topology-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick
+.PHONY: flood run test test-all lint unit-test cluster-topology-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick bench-doc
 
 ## run: build the web client and a release binary, start a standalone node on 127.0.0.1:8080
 run: frontend
@@ -96,12 +96,23 @@ cluster: frontend
 cluster-down:
 	TOPOLOGY=$(TOPOLOGY) scripts/cluster down
 
-## bench / bench-quick: ours against Socket.IO, Centrifugo and a raw tokio server (BENCHMARKS.md)
+## bench / bench-quick: ours against Socket.IO, Centrifugo and a raw tokio server (BENCHMARKS.md),
+## pinned (server and its services on one core, the load generator on the other), then W1
+## unpinned as the second table; every table of BENCHMARKS.md is refreshed from bench/results/
 bench:
 	bench/run full
+	PIN=0 WORKLOADS=w1 bench/run full
 
 bench-quick:
 	bench/run quick
+	PIN=0 WORKLOADS=w1 bench/run quick
+
+## bench-doc: refresh the tables of BENCHMARKS.md from the committed results, running nothing
+bench-doc:
+	cd bench && cargo build --release --quiet
+	for d in bench/results/full bench/results/full-unpinned bench/results/quick bench/results/quick-unpinned; do \
+	  [ -d $$d ] || continue; bench/target/release/chatbench report $$d > /dev/null && \
+	  bench/target/release/chatbench doc BENCHMARKS.md $$d || exit 1; done
 
 ## scaling: per-message costs of every process on the cluster topology (bench/scaling, for
 ## docs/SCALING.md); results in bench/results/scaling/. SCALING_TOPOLOGIES="cluster single" for both.

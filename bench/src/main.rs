@@ -1,15 +1,18 @@
 //! chatbench: a load generator for chat servers over WebSocket.
 //!
 //! ```text
-//! chatbench run --workload fanout|rooms|idle|durable --system NAME --proto ours|raw|socketio|centrifugo
+//! chatbench run --workload fanout|crossnode|rooms|idle|durable|storm --system NAME
+//!               --proto ours|raw|socketio|centrifugo|centrifugo-pb
 //!               --url 127.0.0.1:8080[,127.0.0.1:8081] --pid PID[,PID] --out DIR [options]
-//! chatbench report DIR
+//! chatbench report DIR                      # DIR/results.md and charts, every repetition
+//! chatbench doc DOCUMENT bench/results/NAME # refresh the document's tables of NAME
 //! ```
 //!
 //! Options: `--clients N`, `--rooms R`, `--rates r1,r2,…` (publisher steps, msgs/s),
 //! `--step-secs S`, `--payload BYTES`, `--period SECS` (rooms: one message per
 //! client per period), `--secs S` (rooms, durable), `--window W` (durable: unacked
-//! sends per client), `--ramp C` (connects in flight).
+//! sends per client), `--ramp C` (connects in flight), `--rep N` (which
+//! repetition, recorded), `--helpers TEXT` (where the services ran, recorded).
 
 mod proto;
 mod report;
@@ -85,6 +88,43 @@ struct Bench {
     ramp: usize,
 }
 
+/// The processor, its count and the memory of this machine.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    format!("{cpu}, cpus {} online, {} MiB", online.trim(), mem / 1024)
+}
+
+/// The cores a process may run on (`self` or a pid), as the kernel lists them.
+fn cpus_allowed(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -97,6 +137,16 @@ fn main() {
         Some("report") => match args.get(1) {
             Some(dir) => report::write(dir),
             None => Err("usage: chatbench report DIR".into()),
+        },
+        Some("doc") => match (args.get(1), args.get(2)) {
+            (Some(doc), Some(dir)) => {
+                let name = std::path::Path::new(dir.trim_end_matches('/'))
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                report::doc(doc, &name, dir)
+            }
+            _ => Err("usage: chatbench doc DOCUMENT bench/results/NAME".into()),
         },
         Some("run") => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -151,6 +201,15 @@ async fn run(args: &[String]) -> Result<(), Error> {
     out["payload_bytes"] = json!(b.payload);
     out["load_average_start"] = json!(load);
     out["load_average_end"] = json!(load_average());
+    out["machine"] = json!(machine());
+    out["load_generator_cpus"] = json!(cpus_allowed("self"));
+    out["server_cpus"] = json!(b
+        .pids
+        .iter()
+        .map(|p| cpus_allowed(&p.to_string()))
+        .collect::<Vec<_>>());
+    out["helper_cpus"] = json!(o.args.get("helpers").cloned().unwrap_or_default());
+    out["rep"] = json!(o.num("rep", 1u32)?);
     let dir = o.str("out")?;
     std::fs::create_dir_all(&dir)?;
     let path = format!("{dir}/{}-{}.json", b.workload, b.system);
@@ -427,8 +486,11 @@ async fn fanout(b: &Bench, o: &Opts) -> Result<Value, Error> {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut steps = Vec::new();
     let mut best = 0.0f64;
-    let mut sustained = 0.0f64;
+    let mut sustained_rate = 0.0f64;
+    let mut misses = 0;
+    let mut drops_below_saturation = 0u64;
     for rate in rates {
+        let open0 = b.stats.open.load(Relaxed) as f64;
         rate_tx.send(rate)?;
         let d0 = b.stats.delivered.load(Relaxed);
         let s0 = b.stats.sent.load(Relaxed);
@@ -441,26 +503,39 @@ async fn fanout(b: &Bench, o: &Opts) -> Result<Value, Error> {
         let got_total = (b.stats.delivered.load(Relaxed) - d0) as f64;
         let sent = m["sent_per_sec"].as_f64().unwrap_or(0.0);
         let got = m["delivered_per_sec"].as_f64().unwrap_or(0.0);
-        let open = b.stats.open.load(Relaxed) as f64;
+        // Every subscriber open when the step began owes every message.
         let ratio = if sent_total > 0.0 {
-            got_total / (sent_total * open.max(1.0))
+            got_total / (sent_total * open0.max(1.0))
         } else {
             0.0
         };
         let p99 = m["p99_ms"].as_f64().unwrap_or(0.0);
-        let saturated = ratio < 0.97
-            || sent < rate * 0.9
-            || p99 > 1000.0
-            || m["dropped"].as_u64().unwrap_or(0) > 0;
+        let dropped = m["dropped"].as_u64().unwrap_or(0);
+        // Sustained: the publisher kept its rate, >= 99.9% of the deliveries
+        // arrived, no subscriber was dropped and p99 <= 100 ms.
+        let sustained = sent >= rate * 0.98 && ratio >= 0.999 && dropped == 0 && p99 <= 100.0;
+        // Saturated: far past what the server can take; higher steps would
+        // only measure its queues.
+        let saturated = ratio < 0.97 || sent < rate * 0.9 || p99 > 1000.0;
+        // A subscriber dropped while the server kept up is a fault (of the
+        // server or of this harness), never a data point.
+        if dropped > 0 && !saturated {
+            drops_below_saturation += dropped;
+        }
         m["rate"] = json!(rate);
         m["delivery_ratio"] = json!(ratio);
+        m["sustained"] = json!(sustained);
         m["saturated"] = json!(saturated);
         best = best.max(got);
-        if !saturated {
-            sustained = rate;
+        if sustained {
+            sustained_rate = rate;
+            misses = 0;
+        } else {
+            misses += 1;
         }
         steps.push(m);
-        if saturated {
+        // One step that misses may be noise; two in a row, or saturation, end the ladder.
+        if saturated || misses >= 2 {
             break;
         }
     }
@@ -470,7 +545,8 @@ async fn fanout(b: &Bench, o: &Opts) -> Result<Value, Error> {
         "connect_per_sec": connect_rate,
         "connect_errors": n - subscribers,
         "max_delivered_per_sec": best,
-        "sustained_rate": sustained,
+        "sustained_rate": sustained_rate,
+        "drops_below_saturation": drops_below_saturation,
         "steps": steps,
     }))
 }

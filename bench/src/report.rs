@@ -1,6 +1,10 @@
-//! Turns the JSON results of one run into Markdown tables and SVG charts.
+//! Turns the JSON results of one run (every repetition) into Markdown
+//! tables and SVG charts, and copies the tables into the documents that
+//! quote them.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 
 use serde_json::Value;
 
@@ -8,26 +12,6 @@ use crate::proto::Error;
 
 fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(0.0)
-}
-
-fn ratio(ours: f64, peer: f64) -> String {
-    if peer > 0.0 {
-        format!("{:.2}×", ours / peer)
-    } else {
-        "–".into()
-    }
-}
-
-/// The step a fan-out result is judged at: the last one sustained, else the first.
-fn judged(v: &Value) -> Value {
-    let steps = v["steps"].as_array().cloned().unwrap_or_default();
-    steps
-        .iter()
-        .rev()
-        .find(|s| s["saturated"] == Value::Bool(false))
-        .or(steps.first())
-        .cloned()
-        .unwrap_or(Value::Null)
 }
 
 const COLORS: [&str; 8] = [
@@ -164,7 +148,9 @@ fn bar_svg(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
 }
 
 fn human(v: f64) -> String {
-    if v >= 1e6 {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if v >= 1e4 {
         format!("{:.0}k", v / 1e3)
@@ -175,287 +161,586 @@ fn human(v: f64) -> String {
     }
 }
 
-fn is_ours(name: &str) -> bool {
-    name.starts_with("ours")
+/// The order systems are listed in, whatever the order they ran in.
+const ORDER: [&str; 7] = [
+    "ours",
+    "raw",
+    "socketio",
+    "centrifugo",
+    "centrifugo-pb",
+    "centrifugo-history",
+    "centrifugo-tuned",
+];
+
+fn rank(system: &str) -> usize {
+    let base = system.strip_suffix("-2nodes").unwrap_or(system);
+    ORDER.iter().position(|s| *s == base).unwrap_or(ORDER.len())
 }
 
-/// Writes DIR/results.md and DIR/<workload>.svg from DIR/*.json.
-pub fn write(dir: &str) -> Result<(), Error> {
-    let mut all: Vec<Value> = Vec::new();
-    let mut names: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    names.sort();
-    for p in names {
-        all.push(serde_json::from_str(&std::fs::read_to_string(&p)?)?);
+fn median(xs: &[f64]) -> f64 {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
     }
-    let mut md = String::new();
-    let of =
-        |w: &str| -> Vec<Value> { all.iter().filter(|v| v["workload"] == w).cloned().collect() };
-    for (w, title) in [
-        ("fanout", "W1 fan-out"),
-        ("crossnode", "W4 cross-node fan-out"),
-    ] {
-        let rs = of(w);
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// "median (min–max)" of the repetitions, or the one value.
+fn spread(xs: &[f64], fmt: fn(f64) -> String) -> String {
+    let v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return "–".into();
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if v.len() == 1 || lo == hi {
+        fmt(median(&v))
+    } else {
+        format!("{} ({}–{})", fmt(median(&v)), fmt(lo), fmt(hi))
+    }
+}
+
+fn ms(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn num(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// Every result of one run directory: (workload, system) → one value per repetition.
+struct Run {
+    dir: String,
+    groups: BTreeMap<(String, usize, String), Vec<Value>>,
+}
+
+impl Run {
+    fn load(dir: &str) -> Result<Run, Error> {
+        let mut files = Vec::new();
+        let mut dirs = vec![Path::new(dir).to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d)?.filter_map(|e| e.ok()) {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "json") {
+                    files.push(p);
+                }
+            }
+        }
+        files.sort();
+        let mut groups: BTreeMap<_, Vec<Value>> = BTreeMap::new();
+        for p in files {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+            let w = v["workload"].as_str().unwrap_or("").to_string();
+            let sys = v["system"].as_str().unwrap_or("").to_string();
+            groups.entry((w, rank(&sys), sys)).or_default().push(v);
+        }
+        Ok(Run {
+            dir: dir.to_string(),
+            groups,
+        })
+    }
+
+    /// The systems of a workload in the fixed order, each with its repetitions.
+    fn of(&self, w: &str) -> Vec<(&str, &[Value])> {
+        self.groups
+            .iter()
+            .filter(|((wl, _, _), _)| wl == w)
+            .map(|((_, _, s), v)| (s.as_str(), v.as_slice()))
+            .collect()
+    }
+
+    fn values(reps: &[Value], get: impl Fn(&Value) -> f64) -> Vec<f64> {
+        reps.iter().map(get).collect()
+    }
+}
+
+/// The sustained rates of the runs; a run that missed even the lowest
+/// step is shown as below it.
+fn sustained_cell(reps: &[Value]) -> String {
+    let rates = Run::values(reps, |r| f(r, "sustained_rate"));
+    if rates.iter().all(|r| *r == 0.0) {
+        let lowest = reps
+            .iter()
+            .flat_map(steps)
+            .map(|s| f(&s, "rate"))
+            .fold(f64::INFINITY, f64::min);
+        return format!("below {}", num(lowest));
+    }
+    spread(&rates, num)
+}
+
+fn steps(r: &Value) -> Vec<Value> {
+    r["steps"].as_array().cloned().unwrap_or_default()
+}
+
+fn step_at(r: &Value, rate: f64) -> Option<Value> {
+    steps(r).into_iter().find(|s| f(s, "rate") == rate)
+}
+
+fn causes(reps: &[Value]) -> String {
+    let mut all: BTreeMap<String, u64> = BTreeMap::new();
+    for r in reps {
+        let mut lists = vec![r["drop_causes"].clone()];
+        lists.extend(steps(r).iter().map(|s| s["drop_causes"].clone()));
+        for c in lists {
+            if let Some(m) = c.as_object() {
+                for (k, v) in m {
+                    *all.entry(k.clone()).or_insert(0) += v.as_u64().unwrap_or(0);
+                }
+            }
+        }
+    }
+    if all.is_empty() {
+        return "none".into();
+    }
+    all.iter()
+        .map(|(k, v)| format!("{v}× {k}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The tables of one run, by name (the names the documents quote).
+fn tables(run: &Run) -> Result<Vec<(String, String)>, Error> {
+    let mut out = Vec::new();
+    for (w, key) in [("fanout", "w1"), ("crossnode", "w4")] {
+        let rs = run.of(w);
         if rs.is_empty() {
             continue;
         }
-        let _ = writeln!(md, "### {title}\n");
-        let _ = writeln!(md, "| system | subscribers | max delivered msgs/s | highest sustained publish rate | p50 / p90 / p99 / p99.9 ms at that rate | server CPU % | server RSS MiB | connects/s | load avg |");
-        let _ = writeln!(md, "|---|---:|---:|---:|---|---:|---:|---:|---|");
-        for r in &rs {
-            let s = judged(r);
+        let mut md = String::new();
+        let _ = writeln!(md, "| system | sustained rate, msgs/s | deliveries/s at it | p50 / p99 / p99.9 ms at it | server CPU % at it | server RSS MiB | subscribers dropped below saturation | why dropped (all steps) | runs |");
+        let _ = writeln!(md, "|---|---:|---:|---|---:|---:|---:|---|---:|");
+        for (sys, reps) in &rs {
+            let at = |k: &'static str| {
+                Run::values(reps, move |r| {
+                    step_at(r, f(r, "sustained_rate")).map_or(f64::NAN, |s| f(&s, k))
+                })
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} / {:.1} | {:.0} | {:.0} | {:.0} | {} |",
-                r["system"].as_str().unwrap_or(""),
-                r["subscribers"],
-                f(r, "max_delivered_per_sec"),
-                f(r, "sustained_rate"),
-                f(&s, "p50_ms"),
-                f(&s, "p90_ms"),
-                f(&s, "p99_ms"),
-                f(&s, "p999_ms"),
-                f(&s, "server_cpu_pct"),
-                f(&s, "server_rss_mib"),
-                f(r, "connect_per_sec"),
-                r["load_average_start"].as_str().unwrap_or("")
+                "| {sys} | {} | {} | {} / {} / {} | {} | {} | {:.0} | {} | {} |",
+                sustained_cell(reps),
+                spread(&at("delivered_per_sec"), human),
+                ms(median(&at("p50_ms"))),
+                ms(median(&at("p99_ms"))),
+                ms(median(&at("p999_ms"))),
+                num(median(&at("server_cpu_pct"))),
+                num(median(&at("server_rss_mib"))),
+                Run::values(reps, |r| f(r, "drops_below_saturation"))
+                    .iter()
+                    .sum::<f64>(),
+                causes(reps),
+                reps.len()
             );
         }
-        ratios(
-            &mut md,
-            &rs,
-            "max_delivered_per_sec",
-            "max delivered msgs/s",
-        );
-        // p99 per publish rate, every system side by side.
+        out.push((format!("{key}-sustained"), md));
+
         let mut rates: Vec<f64> = rs
             .iter()
-            .flat_map(|r| r["steps"].as_array().cloned().unwrap_or_default())
+            .flat_map(|(_, reps)| reps.iter().flat_map(steps))
             .map(|s| f(&s, "rate"))
             .collect();
-        rates.sort_by(|a, b| a.total_cmp(b));
+        rates.sort_by(f64::total_cmp);
         rates.dedup();
-        let _ = write!(
-            md,
-            "\np99 latency (ms) and delivered msgs/s per publish rate (* = saturated):\n\n| rate |"
-        );
-        for r in &rs {
-            let _ = write!(md, " {} |", r["system"].as_str().unwrap_or(""));
+        let mut md = String::from("| system |");
+        for r in &rates {
+            let _ = write!(md, " {r:.0}/s |");
         }
-        let _ = write!(md, "\n|---:|");
-        for _ in &rs {
-            md.push_str("---:|");
+        md.push_str("\n|---|");
+        for _ in &rates {
+            md.push_str("---|");
         }
         md.push('\n');
-        for rate in &rates {
-            let _ = write!(md, "| {rate:.0} |");
-            for r in &rs {
-                let step = r["steps"]
-                    .as_array()
-                    .and_then(|s| s.iter().find(|s| f(s, "rate") == *rate).cloned());
-                match step {
-                    Some(s) => {
-                        let star = if s["saturated"] == Value::Bool(true) {
-                            "*"
-                        } else {
-                            ""
-                        };
-                        let _ = write!(
-                            md,
-                            " {:.1} ms, {}{star} |",
-                            f(&s, "p99_ms"),
-                            human(f(&s, "delivered_per_sec"))
-                        );
-                    }
-                    None => md.push_str(" |"),
+        for (sys, reps) in &rs {
+            let _ = write!(md, "| {sys} |");
+            for rate in &rates {
+                let at: Vec<Value> = reps.iter().filter_map(|r| step_at(r, *rate)).collect();
+                if at.is_empty() {
+                    md.push_str(" |");
+                    continue;
                 }
+                let q = |k| median(&at.iter().map(|s| f(s, k)).collect::<Vec<_>>());
+                let kept = at
+                    .iter()
+                    .filter(|s| s["sustained"] == Value::Bool(true))
+                    .count();
+                let mark = if kept * 2 > at.len() {
+                    ""
+                } else if at.iter().any(|s| s["saturated"] == Value::Bool(true)) {
+                    " sat."
+                } else {
+                    " ✗"
+                };
+                let _ = write!(
+                    md,
+                    " {} / {} / {}{mark} |",
+                    ms(q("p50_ms")),
+                    ms(q("p99_ms")),
+                    ms(q("p999_ms"))
+                );
             }
             md.push('\n');
         }
+        out.push((format!("{key}-ladder"), md));
+
         let series: Vec<(String, Vec<(f64, f64)>)> = rs
             .iter()
-            .map(|r| {
-                let pts = r["steps"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
+            .map(|(sys, reps)| {
+                let pts = rates
                     .iter()
-                    .map(|s| (f(s, "rate"), f(s, "delivered_per_sec")))
+                    .filter_map(|rate| {
+                        let v: Vec<f64> = reps
+                            .iter()
+                            .filter_map(|r| step_at(r, *rate))
+                            .map(|s| f(&s, "delivered_per_sec"))
+                            .collect();
+                        (!v.is_empty()).then(|| (*rate, median(&v)))
+                    })
                     .collect();
-                (r["system"].as_str().unwrap_or("").to_string(), pts)
+                (sys.to_string(), pts)
             })
             .collect();
         std::fs::write(
-            format!("{dir}/{w}.svg"),
+            format!("{}/{w}.svg", run.dir),
             line_svg(
-                title,
+                &format!(
+                    "{} fan-out: delivered msgs/s (median of runs)",
+                    key.to_uppercase()
+                ),
                 "publish rate (msgs/s, log scale)",
                 "delivered msgs/s",
                 &series,
             ),
         )?;
-        let _ = writeln!(md, "\n![{title}]({w}.svg)\n");
     }
-    let rs = of("rooms");
+
+    let rs = run.of("rooms");
     if !rs.is_empty() {
-        let _ = writeln!(md, "### W2 many rooms\n");
-        let _ = writeln!(md, "| system | connected / clients | rooms | delivered msgs/s | expected | p50 / p90 / p99 / p99.9 ms | errors | dropped | server CPU % | server RSS MiB | connects/s | load avg |");
+        let mut md = String::new();
+        let _ = writeln!(md, "| system | connected / clients | delivered msgs/s (expected) | p50 / p99 / p99.9 ms | p99 ms over runs | errors | dropped | server CPU % | server RSS MiB | runs |");
+        let _ = writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+        for (sys, reps) in &rs {
+            let v = |k: &'static str| Run::values(reps, move |r| f(r, k));
+            let _ = writeln!(
+                md,
+                "| {sys} | {:.0} / {:.0} | {} ({}) | {} / {} / {} | {} | {:.0} | {:.0} | {} | {} | {} |",
+                median(&v("connected")),
+                median(&v("clients")),
+                human(median(&v("delivered_per_sec"))),
+                human(median(&v("expected_delivered_per_sec"))),
+                ms(median(&v("p50_ms"))),
+                ms(median(&v("p99_ms"))),
+                ms(median(&v("p999_ms"))),
+                spread(&v("p99_ms"), ms),
+                v("errors").iter().sum::<f64>(),
+                v("dropped").iter().sum::<f64>(),
+                num(median(&v("server_cpu_pct"))),
+                num(median(&v("server_rss_mib"))),
+                reps.len()
+            );
+        }
+        out.push(("w2".into(), md));
+    }
+
+    let rs = run.of("idle");
+    if !rs.is_empty() {
+        let mut md = String::new();
+        let _ = writeln!(md, "| system | connected / clients | KiB per connection | connects/s | time to accept all, s | RSS after MiB | dropped | runs |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
+        let mut bars = Vec::new();
+        for (sys, reps) in &rs {
+            let v = |k: &'static str| Run::values(reps, move |r| f(r, k));
+            let accept = Run::values(reps, |r| {
+                f(r, "connected") / f(r, "connect_per_sec").max(1e-9)
+            });
+            let _ = writeln!(
+                md,
+                "| {sys} | {:.0} / {:.0} | {} | {} | {} | {} | {:.0} | {} |",
+                median(&v("connected")),
+                median(&v("clients")),
+                spread(&v("kib_per_connection"), num),
+                spread(&v("connect_per_sec"), num),
+                spread(&accept, num),
+                num(median(&v("rss_after_mib"))),
+                v("dropped").iter().sum::<f64>(),
+                reps.len()
+            );
+            bars.push((sys.to_string(), median(&v("kib_per_connection"))));
+        }
+        std::fs::write(
+            format!("{}/idle.svg", run.dir),
+            bar_svg(
+                "W3 memory per idle connection (median of runs)",
+                "KiB",
+                &bars,
+            ),
+        )?;
+        out.push(("w3".into(), md));
+    }
+
+    let rs = run.of("durable");
+    if !rs.is_empty() {
+        let mut md = String::new();
+        let _ = writeln!(md, "| system | clients × window | accepted (acked) msgs/s | acked, all runs | lost, all runs | documents in MongoDB | drain s | runs |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
+        for (sys, reps) in &rs {
+            let v = |k: &'static str| Run::values(reps, move |r| f(r, k));
+            let docs: Vec<String> = reps
+                .iter()
+                .map(|r| {
+                    r.get("mongo_documents")
+                        .map_or_else(|| "not counted".to_string(), |n| n.to_string())
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {sys} | {:.0} × {:.0} | {} | {:.0} | {:.0} | {} | {} | {} |",
+                median(&v("clients")),
+                median(&v("window")),
+                spread(&v("acked_per_sec"), num),
+                v("acked_total").iter().sum::<f64>(),
+                v("lost").iter().sum::<f64>(),
+                docs.join(", "),
+                spread(&v("drain_secs"), num),
+                reps.len()
+            );
+        }
+        out.push(("w5".into(), md));
+    }
+
+    let rs = run.of("storm");
+    if !rs.is_empty() {
+        out.push(("w6".into(), storm_table(&rs)));
+    }
+
+    if let Some(goals) = goals(run) {
+        out.push(("goals".into(), goals));
+    }
+    Ok(out)
+}
+
+fn storm_table(rs: &[(&str, &[Value])]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "| system | resumed / dropped | time until all resumed, s | messages missed, all runs | duplicates, all runs | steady clients p99 ms before → during | runs |");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---|---:|");
+    for (sys, reps) in rs {
+        let v = |k: &'static str| Run::values(reps, move |r| f(r, k));
         let _ = writeln!(
             md,
-            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"
+            "| {sys} | {:.0} / {:.0} | {} | {:.0} | {:.0} | {} → {} | {} |",
+            median(&v("resumed")),
+            median(&v("clients")),
+            spread(&v("resume_secs"), num),
+            v("missed").iter().sum::<f64>(),
+            v("duplicates").iter().sum::<f64>(),
+            ms(median(&Run::values(reps, |r| f(
+                &r["steady_before"],
+                "p99_ms"
+            )))),
+            ms(median(&Run::values(reps, |r| f(
+                &r["steady_during"],
+                "p99_ms"
+            )))),
+            reps.len()
         );
-        for r in &rs {
-            let _ = writeln!(
-                md,
-                "| {} | {} / {} | {} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} / {:.1} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
-                r["system"].as_str().unwrap_or(""),
-                r["connected"], r["clients"], r["rooms"],
-                f(r, "delivered_per_sec"), f(r, "expected_delivered_per_sec"),
-                f(r, "p50_ms"), f(r, "p90_ms"), f(r, "p99_ms"), f(r, "p999_ms"),
-                r["errors"], r["dropped"],
-                f(r, "server_cpu_pct"), f(r, "server_rss_mib"), f(r, "connect_per_sec"),
-                r["load_average_start"].as_str().unwrap_or("")
+    }
+    md
+}
+
+/// The goals the benchmarks are held to, each with its measured ratio.
+fn goals(run: &Run) -> Option<String> {
+    let get = |w: &str, sys: &str| -> Option<Vec<Value>> {
+        run.of(w)
+            .into_iter()
+            .find(|(s, _)| *s == sys)
+            .map(|(_, r)| r.to_vec())
+    };
+    let sustained = |sys: &str| {
+        get("fanout", sys).map(|r| median(&Run::values(&r, |v| f(v, "sustained_rate"))))
+    };
+    let ours = sustained("ours")?;
+    let mut md = String::new();
+    let _ = writeln!(md, "| goal | measured | met |");
+    let _ = writeln!(md, "|---|---:|---|");
+    let mut row = |goal: &str, measured: String, met: bool| {
+        let _ = writeln!(
+            md,
+            "| {goal} | {measured} | {} |",
+            if met { "yes" } else { "**no**" }
+        );
+    };
+    for (peer, want, what) in [
+        ("centrifugo", 1.5, "≥ 1.5× Centrifugo JSON"),
+        ("centrifugo-pb", 1.0, "≥ 1.0× Centrifugo Protobuf"),
+        ("raw", 0.7, "≥ 0.7× the raw upper bound"),
+        ("socketio", 10.0, "≥ 10× Socket.IO (one core each)"),
+    ] {
+        if let Some(p) = sustained(peer).filter(|p| *p > 0.0) {
+            let r = ours / p;
+            row(
+                &format!("W1 sustained rate {what}"),
+                format!("{r:.2}× ({ours:.0} / {p:.0} msgs/s)"),
+                r >= want,
             );
         }
-        ratios(
-            &mut md,
-            &rs,
-            "p99_ms",
-            "p99 latency (lower is better; ours ÷ peer)",
-        );
-        chart(
-            &mut md,
-            dir,
-            &rs,
-            "p99_ms",
-            "rooms",
-            ("W2 many rooms: p99 latency", "ms", "W2 p99"),
-        )?;
     }
-    let rs = of("idle");
-    if !rs.is_empty() {
-        let _ = writeln!(md, "### W3 idle connections\n");
-        let _ = writeln!(md, "| system | connected / clients | connects/s | RSS before MiB | RSS after MiB | KiB per connection | load avg |");
-        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---|");
-        for r in &rs {
-            let _ = writeln!(
-                md,
-                "| {} | {} / {} | {:.0} | {:.1} | {:.1} | {:.1} | {} |",
-                r["system"].as_str().unwrap_or(""),
-                r["connected"],
-                r["clients"],
-                f(r, "connect_per_sec"),
-                f(r, "rss_before_mib"),
-                f(r, "rss_after_mib"),
-                f(r, "kib_per_connection"),
-                r["load_average_start"].as_str().unwrap_or("")
+    // p99 at half of Centrifugo's sustained rate: the highest ladder step
+    // at or below that half, where both were offered it.
+    if let (Some(c), Some(o), Some(cr)) = (
+        sustained("centrifugo"),
+        get("fanout", "ours"),
+        get("fanout", "centrifugo"),
+    ) {
+        let half = c / 2.0;
+        let rate = o
+            .iter()
+            .chain(cr.iter())
+            .flat_map(steps)
+            .map(|s| f(&s, "rate"))
+            .filter(|r| *r <= half)
+            .fold(0.0f64, f64::max);
+        if rate > 0.0 {
+            let p99 = |reps: &[Value]| {
+                median(
+                    &reps
+                        .iter()
+                        .filter_map(|r| step_at(r, rate))
+                        .map(|s| f(&s, "p99_ms"))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let (a, b) = (p99(&o), p99(&cr));
+            row(
+                &format!("W1 p99 at {rate:.0} msgs/s (≤ half of Centrifugo's sustained {c:.0}) ≤ Centrifugo's"),
+                format!("{} ms vs {} ms", ms(a), ms(b)),
+                a <= b,
             );
         }
-        ratios(
-            &mut md,
-            &rs,
-            "kib_per_connection",
-            "KiB per connection (lower is better; ours ÷ peer)",
+    }
+    let kib = |sys: &str| {
+        get("idle", sys).map(|r| median(&Run::values(&r, |v| f(v, "kib_per_connection"))))
+    };
+    if let (Some(a), Some(b)) = (kib("ours"), kib("centrifugo-tuned").filter(|b| *b > 0.0)) {
+        let n =
+            get("idle", "ours").map_or(0.0, |r| median(&Run::values(&r, |v| f(v, "connected"))));
+        row(
+            &format!("W3 memory per idle connection ≤ 0.6× Centrifugo with tuned buffers (at {n:.0} connections)"),
+            format!("{:.2}× ({a:.1} / {b:.1} KiB)", a / b),
+            a / b <= 0.6,
         );
-        chart(
-            &mut md,
-            dir,
-            &rs,
-            "kib_per_connection",
-            "idle",
-            ("W3 memory per idle connection", "KiB", "W3"),
-        )?;
     }
-    let rs = of("durable");
-    if !rs.is_empty() {
-        let _ = writeln!(md, "### W5 durable throughput\n");
-        let _ = writeln!(md, "| system | clients × window | accepted (acked) msgs/s | acked total | stored by the workers | documents in MongoDB | lost | consumer lag at stop | lag after | drain s | load avg |");
-        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-        for r in &rs {
-            let _ = writeln!(
-                md,
-                "| {} | {} × {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
-                r["system"].as_str().unwrap_or(""),
-                r["clients"],
-                r["window"],
-                f(r, "acked_per_sec"),
-                f(r, "acked_total"),
-                f(r, "stored_total"),
-                r.get("mongo_documents")
-                    .map_or_else(|| "not counted".to_string(), |n| n.to_string()),
-                f(r, "lost"),
-                f(r, "lag_at_stop"),
-                f(r, "lag_after"),
-                f(r, "drain_secs"),
-                r["load_average_start"].as_str().unwrap_or("")
-            );
+    if let Some(reps) = get("storm", "ours") {
+        let missed: f64 = Run::values(&reps, |v| f(v, "missed")).iter().sum();
+        let secs = Run::values(&reps, |v| f(v, "resume_secs"))
+            .into_iter()
+            .fold(0.0f64, f64::max);
+        let all = reps.iter().all(|r| f(r, "resumed") >= f(r, "clients"));
+        row(
+            "W6: every reconnected client has every message, all resumed within 10 s",
+            format!("{missed:.0} missed, slowest run {secs:.1} s"),
+            missed == 0.0 && all && secs <= 10.0,
+        );
+    }
+    Some(md)
+}
+
+/// Writes DIR/results.md and the SVG charts from every JSON file under DIR.
+pub fn write(dir: &str) -> Result<(), Error> {
+    let run = Run::load(dir)?;
+    let titles = [
+        ("goals", "Goals"),
+        ("w1-sustained", "W1 fan-out: sustained rate"),
+        (
+            "w1-ladder",
+            "W1 fan-out: p50 / p99 / p99.9 ms per offered rate",
+        ),
+        ("w4-sustained", "W4 cross-node fan-out: sustained rate"),
+        (
+            "w4-ladder",
+            "W4 cross-node fan-out: p50 / p99 / p99.9 ms per offered rate",
+        ),
+        ("w2", "W2 many rooms"),
+        ("w3", "W3 idle connections"),
+        ("w5", "W5 durable throughput"),
+        ("w6", "W6 reconnect storm"),
+    ];
+    let mut md = String::new();
+    if let Ok(m) = std::fs::read_to_string(format!("{dir}/machine.txt")) {
+        let _ = writeln!(md, "```text\n{}```\n", m);
+    }
+    let tables = tables(&run)?;
+    for (name, title) in titles {
+        if let Some((_, t)) = tables.iter().find(|(n, _)| n == name) {
+            let _ = writeln!(md, "### {title}\n\n{t}");
         }
-        chart(
-            &mut md,
-            dir,
-            &rs,
-            "acked_per_sec",
-            "durable",
-            ("W5 accepted msgs/s", "msgs/s", "W5"),
-        )?;
     }
+    md.push_str("Medians over the runs, with min–max where runs differ; ladder cells: ✗ = not sustained (p99 > 100 ms, < 99.9% delivered, a drop, or the publisher fell behind), sat. = saturated.\n");
     std::fs::write(format!("{dir}/results.md"), &md)?;
     println!("{md}");
     Ok(())
 }
 
-/// "ours ÷ peer" for every pair of an ours row and a peer row.
-/// A bar chart of `key` per system, written to `<dir>/<file>.svg` and
-/// linked from the Markdown under the given title, unit and alt text.
-fn chart(
-    md: &mut String,
-    dir: &str,
-    rs: &[Value],
-    key: &str,
-    file: &str,
-    (title, unit, alt): (&str, &str, &str),
-) -> std::io::Result<()> {
-    let bars: Vec<(String, f64)> = rs
-        .iter()
-        .map(|r| (r["system"].as_str().unwrap_or("").to_string(), f(r, key)))
-        .collect();
-    std::fs::write(format!("{dir}/{file}.svg"), bar_svg(title, unit, &bars))?;
-    let _ = writeln!(md, "\n![{alt}]({file}.svg)\n");
+/// Refreshes, in the document `doc`, every table between
+/// `<!-- bench RESULTS TABLE -->` and `<!-- /bench -->` whose results
+/// directory is `results` (as named in the marker, e.g. `full`), from `dir`.
+pub fn doc(doc: &str, results: &str, dir: &str) -> Result<(), Error> {
+    let text = std::fs::read_to_string(doc)?;
+    let run = Run::load(dir)?;
+    let tables = tables(&run)?;
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    let mut n = 0;
+    while let Some(at) = rest.find("<!-- bench ") {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let Some(end_marker) = from.find("-->") else {
+            out.push_str(from);
+            rest = "";
+            break;
+        };
+        let marker = &from[..end_marker + 3];
+        let mut words = marker["<!-- bench ".len()..end_marker].split_whitespace();
+        let (Some(res), Some(name)) = (words.next(), words.next()) else {
+            return Err(format!("{doc}: bad marker {marker}").into());
+        };
+        let body = &from[marker.len()..];
+        let close = body
+            .find("<!-- /bench -->")
+            .ok_or_else(|| format!("{doc}: {marker} has no <!-- /bench -->"))?;
+        out.push_str(marker);
+        match tables.iter().find(|(t, _)| t == name) {
+            Some((_, t)) if res == results => {
+                out.push('\n');
+                out.push_str(t);
+                n += 1;
+            }
+            _ => out.push_str(&body[..close]),
+        }
+        out.push_str("<!-- /bench -->");
+        rest = &body[close + "<!-- /bench -->".len()..];
+    }
+    out.push_str(rest);
+    std::fs::write(doc, out)?;
+    eprintln!("{doc}: {n} tables from {dir}");
     Ok(())
-}
-
-fn ratios(md: &mut String, rs: &[Value], key: &str, what: &str) {
-    let ours: Vec<&Value> = rs
-        .iter()
-        .filter(|r| is_ours(r["system"].as_str().unwrap_or("")))
-        .collect();
-    let peers: Vec<&Value> = rs
-        .iter()
-        .filter(|r| !is_ours(r["system"].as_str().unwrap_or("")))
-        .collect();
-    if ours.is_empty() || peers.is_empty() {
-        return;
-    }
-    let _ = writeln!(md, "\nRatio of ours to each peer, {what}:\n");
-    for o in ours {
-        let parts: Vec<String> = peers
-            .iter()
-            .map(|p| {
-                let (a, b) = (
-                    o[key].as_f64().unwrap_or(0.0),
-                    p[key].as_f64().unwrap_or(0.0),
-                );
-                format!("{} {}", p["system"].as_str().unwrap_or(""), ratio(a, b))
-            })
-            .collect();
-        let _ = writeln!(
-            md,
-            "- {}: {}",
-            o["system"].as_str().unwrap_or(""),
-            parts.join(", ")
-        );
-    }
 }
