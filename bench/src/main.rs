@@ -1,7 +1,7 @@
 //! chatbench: a load generator for chat servers over WebSocket.
 //!
 //! ```text
-//! chatbench run --workload fanout|rooms|idle|durable --system NAME --proto ours|raw|socketio|centrifugo
+//! chatbench run --workload fanout|rooms|idle|durable --system NAME --proto ours|raw|socketio|centrifugo|centrifugo-pb
 //!               --url 127.0.0.1:8080[,127.0.0.1:8081] --pid PID[,PID] --out DIR [options]
 //! chatbench report DIR
 //! ```
@@ -115,8 +115,8 @@ fn main() {
 
 async fn run(args: &[String]) -> Result<(), Error> {
     let o = Opts::parse(args)?;
-    let proto =
-        Proto::parse(&o.str("proto")?).ok_or("--proto: ours, raw, socketio or centrifugo")?;
+    let proto = Proto::parse(&o.str("proto")?)
+        .ok_or("--proto: ours, raw, socketio, centrifugo or centrifugo-pb")?;
     let targets = o
         .list::<SocketAddr>("url")?
         .into_iter()
