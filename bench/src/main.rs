@@ -165,8 +165,8 @@ fn main() {
 
 async fn run(args: &[String]) -> Result<(), Error> {
     let o = Opts::parse(args)?;
-    let proto =
-        Proto::parse(&o.str("proto")?).ok_or("--proto: ours, raw, socketio or centrifugo")?;
+    let proto = Proto::parse(&o.str("proto")?)
+        .ok_or("--proto: ours, raw, socketio, centrifugo or centrifugo-pb")?;
     let targets = o
         .list::<SocketAddr>("url")?
         .into_iter()

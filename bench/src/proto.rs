@@ -1,4 +1,5 @@
-//! The three wire protocols (plus the raw baseline's subset of ours).
+//! The three wire protocols (plus the raw baseline's subset of ours),
+//! Centrifugo's in both its encodings, JSON and Protobuf.
 
 use std::borrow::Cow;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -7,8 +8,14 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+// The Protobuf encoding lives next to this file, whichever crate includes it.
+#[path = "pb.rs"]
+mod pb;
 
 pub type Ws = WebSocketStream<TcpStream>;
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -26,6 +33,9 @@ pub enum Proto {
     SocketIo,
     /// Centrifugo's bidirectional JSON protocol.
     Centrifugo,
+    /// Centrifugo's bidirectional Protobuf protocol (binary frames), the one
+    /// its SDKs use by default where they can.
+    CentrifugoPb,
 }
 
 impl Proto {
@@ -35,6 +45,7 @@ impl Proto {
             "raw" => Some(Proto::Raw),
             "socketio" => Some(Proto::SocketIo),
             "centrifugo" => Some(Proto::Centrifugo),
+            "centrifugo-pb" => Some(Proto::CentrifugoPb),
             _ => None,
         }
     }
@@ -44,13 +55,44 @@ impl Proto {
             Proto::Ours => format!("/ws?token={token}"),
             Proto::Raw => "/ws".to_string(),
             Proto::SocketIo => "/socket.io/?EIO=4&transport=websocket".to_string(),
-            Proto::Centrifugo => "/connection/websocket".to_string(),
+            Proto::Centrifugo | Proto::CentrifugoPb => "/connection/websocket".to_string(),
         }
+    }
+
+    /// The WebSocket subprotocol to ask for: Centrifugo picks its Protobuf
+    /// protocol by the `centrifuge-protobuf` subprotocol, as its SDKs ask.
+    fn subprotocol(self) -> Option<&'static str> {
+        match self {
+            Proto::CentrifugoPb => Some("centrifuge-protobuf"),
+            _ => None,
+        }
+    }
+
+    /// Centrifugo's channel for a room.
+    fn channel(room: &str) -> String {
+        format!("bench:{room}")
     }
 
     /// The frame that publishes `text` to `room`; `n` numbers it.
     pub fn publish(self, room: &str, text: &str, n: u64) -> Message {
-        Message::text(self.publish_text(room, text, n))
+        match self {
+            Proto::CentrifugoPb => {
+                // The same JSON data as the JSON protocol publishes.
+                let data = format!(r#"{{"text":"{text}"}}"#);
+                let channel = Proto::channel(room);
+                // Ids are uint32 here, and 0 would make the command a pong:
+                // n + 10 as in JSON, wrapping within 1..=u32::MAX.
+                let id = ((n + 9) % u64::from(u32::MAX)) as u32 + 1;
+                Message::binary(pb::command(
+                    id,
+                    Some(pb::Request::Publish {
+                        channel: &channel,
+                        data: data.as_bytes(),
+                    }),
+                ))
+            }
+            _ => Message::text(self.publish_text(room, text, n)),
+        }
     }
 
     fn publish_text(self, room: &str, text: &str, n: u64) -> String {
@@ -60,7 +102,7 @@ impl Proto {
             }
             Proto::Raw => format!(r#"{{"op":"send","room":"{room}","text":"{text}"}}"#),
             Proto::SocketIo => format!(r#"42["send","{room}","{text}"]"#),
-            Proto::Centrifugo => format!(
+            Proto::Centrifugo | Proto::CentrifugoPb => format!(
                 r#"{{"id":{},"publish":{{"channel":"bench:{room}","data":{{"text":"{text}"}}}}}}"#,
                 n + 10
             ),
@@ -69,17 +111,22 @@ impl Proto {
 
     /// The replies one WebSocket message carries, as text. Centrifugo's
     /// JSON transport packs several replies (pings, publish answers,
-    /// publications) into one frame, one per line; every other protocol
-    /// sends one per frame. Control frames carry none.
+    /// publications) into one frame, one per line; its Protobuf transport
+    /// packs them length-prefixed into a binary frame, and each is turned
+    /// into the text its JSON twin would be (see `pb`). Every other
+    /// protocol sends one per frame. Control frames carry none.
     pub fn replies(self, m: &Message) -> Vec<Cow<'_, str>> {
         match m {
             Message::Text(t) => self.text_replies(t).map(Cow::Borrowed).collect(),
+            Message::Binary(b) if self == Proto::CentrifugoPb => {
+                pb::replies(b).into_iter().map(Cow::Owned).collect()
+            }
             _ => Vec::new(),
         }
     }
 
     fn text_replies(self, frame: &str) -> impl Iterator<Item = &str> {
-        let packed = matches!(self, Proto::Centrifugo);
+        let packed = matches!(self, Proto::Centrifugo | Proto::CentrifugoPb);
         let mut whole = Some(frame).filter(|_| !packed);
         let mut lines = frame.split('\n').filter(move |r| packed && !r.is_empty());
         std::iter::from_fn(move || whole.take().or_else(|| lines.next()))
@@ -90,6 +137,7 @@ impl Proto {
         match self {
             Proto::SocketIo if reply == "2" => Some(Message::text("3")),
             Proto::Centrifugo if reply == "{}" => Some(Message::text("{}")),
+            Proto::CentrifugoPb if reply == "{}" => Some(Message::binary(pb::pong())),
             _ => None,
         }
     }
@@ -98,7 +146,7 @@ impl Proto {
     pub fn is_ack(self, frame: &str) -> bool {
         match self {
             Proto::Ours => frame.starts_with(r#"{"op":"ack""#),
-            Proto::Centrifugo => frame.contains(r#""publish":{}"#),
+            Proto::Centrifugo | Proto::CentrifugoPb => frame.contains(r#""publish":{}"#),
             _ => false,
         }
     }
@@ -107,7 +155,7 @@ impl Proto {
     pub fn is_error(self, frame: &str) -> bool {
         match self {
             Proto::Ours | Proto::Raw => frame.starts_with(r#"{"op":"error""#),
-            Proto::Centrifugo => frame.contains(r#""error":{"#),
+            Proto::Centrifugo | Proto::CentrifugoPb => frame.contains(r#""error":{"#),
             Proto::SocketIo => frame.starts_with("44"),
         }
     }
@@ -207,7 +255,13 @@ pub async fn open(t: &Target, i: usize, room: Option<&str>) -> Result<Ws, Error>
     };
     let stream = tcp(ip, t.addr).await?;
     let url = format!("ws://{}{}", t.addr, t.proto.path(&token));
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    let mut request = url.into_client_request()?;
+    if let Some(sub) = t.proto.subprotocol() {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(sub));
+    }
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream).await?;
     let p = t.proto;
     match p {
         Proto::Ours => {
@@ -223,6 +277,12 @@ pub async fn open(t: &Target, i: usize, room: Option<&str>) -> Result<Ws, Error>
             ws.send(Message::text(r#"{"id":1,"connect":{"name":"chatbench"}}"#))
                 .await?;
             until(&mut ws, p, |f| f.contains(r#""id":1"#)).await?;
+        }
+        Proto::CentrifugoPb => {
+            let connect = pb::Request::Connect { name: "chatbench" };
+            ws.send(Message::binary(pb::command(1, Some(connect))))
+                .await?;
+            until(&mut ws, p, |f| f.starts_with(r#"{"id":1,"connect""#)).await?;
         }
     }
     if let Some(room) = room {
@@ -243,6 +303,18 @@ pub async fn open(t: &Target, i: usize, room: Option<&str>) -> Result<Ws, Error>
                 )))
                 .await?;
                 until(&mut ws, p, |f| f.contains(r#""id":2"#)).await?;
+            }
+            Proto::CentrifugoPb => {
+                let channel = Proto::channel(room);
+                let subscribe = pb::Request::Subscribe {
+                    channel: &channel,
+                    recover: false,
+                    epoch: "",
+                    offset: 0,
+                };
+                ws.send(Message::binary(pb::command(2, Some(subscribe))))
+                    .await?;
+                until(&mut ws, p, |f| f.starts_with(r#"{"id":2,"subscribe""#)).await?;
             }
         }
     }
@@ -272,6 +344,65 @@ mod tests {
         );
         assert_eq!(replies.iter().filter(|r| p.is_ack(r)).count(), 1);
         assert_eq!(Proto::Centrifugo.replies(&Message::text("{}")), ["{}"]);
+    }
+
+    #[test]
+    fn centrifugo_protobuf_frames_meet_the_same_predicates() {
+        let p = Proto::CentrifugoPb;
+        assert_eq!(Proto::parse("centrifugo-pb"), Some(p));
+        // A ping, a publish result, an error, a publication: one frame.
+        let mut frame = vec![0];
+        frame.extend([4, 0x08, 11, 0x42, 0]);
+        frame.extend([9, 0x08, 12, 0x12, 5, 0x08, 103, 0x12, 1, b'x']);
+        let data = br#"{"text":"@@T1000@@x"}"#;
+        let mut publication = vec![0x22, data.len() as u8];
+        publication.extend(data);
+        let mut push = vec![0x22, publication.len() as u8];
+        push.extend(&publication);
+        frame.extend([push.len() as u8 + 2, 0x22, push.len() as u8]);
+        frame.extend(&push);
+        let m = Message::binary(frame);
+        let replies = p.replies(&m);
+        assert_eq!(replies.len(), 4);
+        let pongs: Vec<Message> = replies
+            .iter()
+            .filter_map(|r| p.heartbeat_reply(r))
+            .collect();
+        assert_eq!(pongs, [Message::binary(vec![0])]);
+        assert_eq!(replies.iter().filter(|r| p.is_ack(r)).count(), 1);
+        assert_eq!(replies.iter().filter(|r| p.is_error(r)).count(), 1);
+        let stats = crate::stats::Stats::new();
+        for r in &replies {
+            stats.on_frame(r, 3000);
+        }
+        assert_eq!(
+            stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn centrifugo_protobuf_publishes_the_json_variants_data() {
+        let m = Proto::CentrifugoPb.publish("fan", "@@T5@@xx", 1);
+        let Message::Binary(b) = m else {
+            panic!("a binary frame");
+        };
+        let json = Proto::Centrifugo.publish_text("fan", "@@T5@@xx", 1);
+        let data = br#"{"text":"@@T5@@xx"}"#;
+        assert!(json.contains(std::str::from_utf8(data).unwrap_or_default()));
+        assert!(b.windows(data.len()).any(|w| w == data));
+        assert!(b.windows(9).any(|w| w == b"bench:fan"));
+        // Command id 11, as the JSON variant numbers it.
+        assert!(json.starts_with(r#"{"id":11,"#));
+        assert_eq!(&b[1..3], [0x08, 11]);
+        // Never id 0 (a pong, which gets no reply), even where n + 10
+        // overflows uint32.
+        for n in [u64::from(u32::MAX) - 10, u64::from(u32::MAX) - 9] {
+            let Message::Binary(b) = Proto::CentrifugoPb.publish("fan", "x", n) else {
+                panic!("a binary frame");
+            };
+            assert_eq!(b[1], 0x08, "the id field is there, so not 0");
+        }
     }
 
     #[test]
