@@ -233,10 +233,10 @@ async fn until(ws: &mut Ws, proto: Proto, done: impl Fn(&str) -> bool) -> Result
                 for r in proto.replies(&m) {
                     if let Some(answer) = proto.heartbeat_reply(&r) {
                         ws.send(answer).await?;
-                    } else if done(&r) {
-                        return Ok(r.into_owned());
                     } else if proto.is_error(&r) {
                         return Err(format!("refused: {r}").into());
+                    } else if done(&r) {
+                        return Ok(r.into_owned());
                     }
                 }
             }
