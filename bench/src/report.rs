@@ -595,13 +595,21 @@ fn goals(run: &Run) -> Option<String> {
         ("raw", 0.7, "≥ 0.7× the raw upper bound"),
         ("socketio", 10.0, "≥ 10× Socket.IO (one core each)"),
     ] {
-        if let Some(p) = sustained(peer).filter(|p| *p > 0.0) {
-            let r = ours / p;
-            row(
+        match sustained(peer) {
+            Some(p) if p > 0.0 => {
+                let r = ours / p;
+                row(
+                    &format!("W1 sustained rate {what}"),
+                    format!("{r:.2}× ({ours:.0} / {p:.0} msgs/s)"),
+                    r >= want,
+                );
+            }
+            Some(_) => row(
                 &format!("W1 sustained rate {what}"),
-                format!("{r:.2}× ({ours:.0} / {p:.0} msgs/s)"),
-                r >= want,
-            );
+                format!("{peer} sustained no step; ours {ours:.0} msgs/s"),
+                ours > 0.0,
+            ),
+            None => {}
         }
     }
     // p99 at half of Centrifugo's sustained rate: the highest ladder step
