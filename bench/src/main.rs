@@ -1,7 +1,7 @@
 //! chatbench: a load generator for chat servers over WebSocket.
 //!
 //! ```text
-//! chatbench run --workload fanout|rooms|idle|durable --system NAME --proto ours|raw|socketio|centrifugo
+//! chatbench run --workload fanout|rooms|idle|durable|storm --system NAME --proto ours|raw|socketio|centrifugo
 //!               --url 127.0.0.1:8080[,127.0.0.1:8081] --pid PID[,PID] --out DIR [options]
 //! chatbench report DIR
 //! ```
@@ -14,6 +14,7 @@
 mod proto;
 mod report;
 mod stats;
+mod storm;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -142,6 +143,7 @@ async fn run(args: &[String]) -> Result<(), Error> {
         "rooms" => rooms(&b, &o).await?,
         "idle" => idle(&b, &o).await?,
         "durable" => durable(&b, &o).await?,
+        "storm" => storm::storm(&b, &o).await?,
         w => return Err(format!("unknown workload {w}").into()),
     };
     out["workload"] = json!(b.workload);
