@@ -20,6 +20,16 @@
 //!   waiting for the server's answer.
 //!
 //! Only `--proto ours` and `--proto centrifugo` can resume.
+//!
+//! Options: `--clients N` (10000), `--steady K` (100), `--rate R` (50),
+//! `--warm S` (5; its first second is not measured), `--after S` (5),
+//! `--drop reset|close`, `--attempts A` (3: connects tried per resume),
+//! `--resume-timeout S` (60: a client not back by then gives up), and the
+//! common `--ramp C` and `--payload BYTES`.
+//!
+//! The steady clients' delivery latency is kept apart from the global
+//! histogram, for three windows: before the storm, during it (from the drop
+//! until the last client has resumed or given up), and after it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -123,6 +133,8 @@ struct Phases {
     /// the replay included.
     join: Duration,
     replayed: u64,
+    /// The size of `joined` / the subscribe reply (ours lists every member).
+    reply_bytes: u64,
 }
 
 /// How one subscriber came back after the storm.
@@ -159,6 +171,8 @@ struct Shared {
     targets: Vec<Target>,
     ramp: Semaphore,
     attempts: usize,
+    /// How long after its drop a client may take to resume.
+    resume_limit: Duration,
     drop_mode: DropMode,
     connected: AtomicU64,
     /// Of those, the ones the storm will drop.
@@ -230,8 +244,13 @@ impl Client {
 }
 
 /// Ours: `join`, with `since` when resuming, up to `joined`. Returns how
-/// many messages the replay carried.
-async fn join_ours(sh: &Shared, c: &mut Client, ws: &mut Ws, resume: bool) -> Result<u64, Error> {
+/// many messages the replay carried and the size of `joined`.
+async fn join_ours(
+    sh: &Shared,
+    c: &mut Client,
+    ws: &mut Ws,
+    resume: bool,
+) -> Result<(u64, u64), Error> {
     let since = if resume {
         format!(r#","since":{}"#, c.pos.last)
     } else {
@@ -251,7 +270,7 @@ async fn join_ours(sh: &Shared, c: &mut Client, ws: &mut Ws, resume: bool) -> Re
                     let last = number_after(&r, r#""last_seq":"#).unwrap_or(0);
                     c.pos.last = c.pos.last.max(last);
                 }
-                return Ok(replayed);
+                return Ok((replayed, r.len() as u64));
             } else if c.on_message(sh, &r, now) {
                 replayed += 1;
             } else if sh.proto.is_error(&r) {
@@ -263,12 +282,13 @@ async fn join_ours(sh: &Shared, c: &mut Client, ws: &mut Ws, resume: bool) -> Re
 
 /// Centrifugo: `subscribe`, with `recover` and the last position when
 /// resuming, up to its reply (which carries the missed publications).
+/// Returns how many it carried and the size of the reply.
 async fn subscribe_centrifugo(
     sh: &Shared,
     c: &mut Client,
     ws: &mut Ws,
     resume: bool,
-) -> Result<u64, Error> {
+) -> Result<(u64, u64), Error> {
     let channel = format!("bench:{ROOM}");
     let req = if resume && !c.pos.epoch.is_empty() {
         json!({"id": 2, "subscribe": {"channel": channel, "recover": true,
@@ -302,7 +322,7 @@ async fn subscribe_centrifugo(
                 c.stats.on_frame(&r, now);
                 c.pos.epoch = s["epoch"].as_str().unwrap_or_default().to_string();
                 c.pos.last = s["offset"].as_u64().unwrap_or(0);
-                replayed = Some(pubs.len() as u64);
+                replayed = Some((pubs.len() as u64, r.len() as u64));
             } else if !c.on_message(sh, &r, now) && sh.proto.is_error(&r) {
                 return Err(format!("refused: {r}").into());
             }
@@ -338,7 +358,7 @@ async fn attach(sh: &Shared, c: &mut Client, resume: bool) -> Result<(Ws, Phases
     let t1 = Instant::now();
     let mut ws = proto::connect(t, c.i, &token).await?;
     let t2 = Instant::now();
-    let replayed = match sh.proto {
+    let (replayed, reply_bytes) = match sh.proto {
         Proto::Ours => join_ours(sh, c, &mut ws, resume).await?,
         Proto::Centrifugo => subscribe_centrifugo(sh, c, &mut ws, resume).await?,
         _ => return Err("the storm workload speaks --proto ours or centrifugo".into()),
@@ -349,39 +369,48 @@ async fn attach(sh: &Shared, c: &mut Client, resume: bool) -> Result<(Ws, Phases
         ws: t2 - t1,
         join: t2.elapsed(),
         replayed,
+        reply_bytes,
     };
     Ok((ws, phases))
 }
 
-/// Connects again after a drop at `since`, up to `attempts` times.
+/// Connects again after a drop at `since`, up to `attempts` times and
+/// until `--resume-timeout` after the drop.
 async fn reattach(
     sh: &Shared,
     c: &mut Client,
     since: Instant,
     errors: &Mutex<BTreeMap<String, u64>>,
 ) -> Option<(Ws, Resume)> {
-    for attempt in 1..=sh.attempts {
-        let asked = Instant::now();
-        let permit = sh.ramp.acquire().await.ok()?;
-        let wait = asked.elapsed();
-        let r = tokio::time::timeout(ATTACH_TIMEOUT, attach(sh, c, true)).await;
-        drop(permit);
-        match r {
-            Ok(Ok((ws, mut phases))) => {
-                phases.wait = wait;
-                let resume = Resume {
-                    total: since.elapsed(),
-                    attempts: attempt,
-                    phases,
-                };
-                return Some((ws, resume));
+    let deadline = tokio::time::Instant::from_std(since + sh.resume_limit);
+    let tries = async {
+        for attempt in 1..=sh.attempts {
+            let asked = Instant::now();
+            let permit = sh.ramp.acquire().await.ok()?;
+            let wait = asked.elapsed();
+            let r = tokio::time::timeout(ATTACH_TIMEOUT, attach(sh, c, true)).await;
+            drop(permit);
+            match r {
+                Ok(Ok((ws, mut phases))) => {
+                    phases.wait = wait;
+                    let resume = Resume {
+                        total: since.elapsed(),
+                        attempts: attempt,
+                        phases,
+                    };
+                    return Some((ws, resume));
+                }
+                Ok(Err(e)) => note_cause(errors, e.to_string()),
+                Err(_) => note_cause(errors, "timed out".to_string()),
             }
-            Ok(Err(e)) => note_cause(errors, e.to_string()),
-            Err(_) => note_cause(errors, "timed out".to_string()),
+            tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
-    }
-    None
+        None
+    };
+    tokio::time::timeout_at(deadline, tries)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Loses the connection as `--drop` says.
@@ -587,14 +616,20 @@ fn latency(steady: &Stats, d0: u64, secs: f64) -> Value {
     })
 }
 
-/// Quantiles (ms) of durations, `[p50, p99, max]`.
-fn spread(mut v: Vec<f64>) -> Value {
-    if v.is_empty() {
-        return json!({"p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0});
-    }
+/// p50, p99 and the largest of `v`, the keys ending in `_unit`.
+fn spread(mut v: Vec<f64>, unit: &str) -> Value {
     v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[(((v.len() as f64) * q).ceil() as usize).clamp(1, v.len()) - 1];
-    json!({"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)})
+    let at = |q: f64| {
+        let i = ((v.len() as f64) * q).ceil() as usize;
+        v.get(i.clamp(1, v.len().max(1)) - 1)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    json!({
+        format!("p50_{unit}"): at(0.5),
+        format!("p99_{unit}"): at(0.99),
+        format!("max_{unit}"): at(1.0),
+    })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -624,11 +659,20 @@ fn server(b: &Bench, c0: u64, secs: f64) -> (f64, f64, u64) {
 pub async fn storm(b: &Bench, o: &Opts) -> Result<Value, Error> {
     let n: usize = o.num("clients", 10000)?;
     let k: usize = o.num("steady", 100)?;
-    let rate: f64 = o.num("rate", 50.0)?;
-    let warm: f64 = o.num("warm", 5.0)?;
-    let after: f64 = o.num("after", 5.0)?;
+    // Seconds and rates: finite and not negative.
+    let span = |key: &str, default: f64| -> Result<f64, Error> {
+        let v: f64 = o.num(key, default)?;
+        if (0.0..=1e6).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("--{key}: 0 to 1000000, not {v}").into())
+        }
+    };
+    let rate = span("rate", 50.0)?;
+    let warm = span("warm", 5.0)?;
+    let after = span("after", 5.0)?;
+    let limit = span("resume-timeout", 60.0)?;
     let attempts: usize = o.num("attempts", 3usize)?.max(1);
-    let limit: f64 = o.num("resume-timeout", 60.0)?;
     let drop_mode = match o.args.get("drop").map(String::as_str) {
         None | Some("reset") => DropMode::Reset,
         Some("close") => DropMode::Close,
@@ -643,6 +687,7 @@ pub async fn storm(b: &Bench, o: &Opts) -> Result<Value, Error> {
         targets: b.targets.clone(),
         ramp: Semaphore::new(b.ramp.max(1)),
         attempts,
+        resume_limit: Duration::from_secs_f64(limit),
         drop_mode,
         connected: AtomicU64::new(0),
         storm_connected: AtomicU64::new(0),
@@ -804,6 +849,7 @@ pub async fn storm(b: &Bench, o: &Opts) -> Result<Value, Error> {
     let (mut totals, mut waits, mut signins, mut wss, mut joins) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut replayed, mut replayed_max, mut retried) = (0u64, 0u64, 0u64);
+    let mut reply_bytes = Vec::new();
     // How many clients missed each message number.
     let mut missing = BTreeMap::new();
     for c in clients.iter().filter(|c| c.connected) {
@@ -833,6 +879,7 @@ pub async fn storm(b: &Bench, o: &Opts) -> Result<Value, Error> {
             wss.push(ms(r.phases.ws));
             joins.push(ms(r.phases.join));
             replayed += r.phases.replayed;
+            reply_bytes.push(r.phases.reply_bytes as f64);
             replayed_max = replayed_max.max(r.phases.replayed);
             if r.attempts > 1 {
                 retried += 1;
@@ -865,12 +912,12 @@ pub async fn storm(b: &Bench, o: &Opts) -> Result<Value, Error> {
         "not_resumed": storm_clients - resumed,
         "resume_all_secs": resume_all_ms / 1000.0,
         "storm_window_secs": storm_secs,
-        "resume": spread(totals),
+        "resume": spread(totals, "ms"),
         "resume_phases": {
-            "wait_for_slot": spread(waits),
-            "signin": spread(signins),
-            "websocket": spread(wss),
-            "join_and_replay": spread(joins),
+            "wait_for_slot": spread(waits, "ms"),
+            "signin": spread(signins, "ms"),
+            "websocket": spread(wss, "ms"),
+            "join_and_replay": spread(joins, "ms"),
         },
         "resumed_after_retry": retried,
         "connect_errors": storm_errors.values().sum::<u64>(),
@@ -878,6 +925,7 @@ pub async fn storm(b: &Bench, o: &Opts) -> Result<Value, Error> {
         "not_recovered": sh.not_recovered.load(Relaxed),
         "replayed_messages": replayed,
         "replayed_max_per_client": replayed_max,
+        "join_reply_bytes": spread(reply_bytes, "bytes"),
     });
     let counts = json!({
         "published": pubs.sent,
@@ -935,7 +983,8 @@ mod tests {
 
     #[test]
     fn spread_takes_quantiles() {
-        let v = spread((1..=100).map(f64::from).collect());
+        let v = spread((1..=100).map(f64::from).collect(), "ms");
+        assert_eq!(spread(Vec::new(), "ms")["max_ms"], 0.0);
         assert_eq!(v["p50_ms"], 50.0);
         assert_eq!(v["p99_ms"], 99.0);
         assert_eq!(v["max_ms"], 100.0);
