@@ -17,6 +17,7 @@
 mod proto;
 mod report;
 mod stats;
+mod storm;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -192,6 +193,7 @@ async fn run(args: &[String]) -> Result<(), Error> {
         "rooms" => rooms(&b, &o).await?,
         "idle" => idle(&b, &o).await?,
         "durable" => durable(&b, &o).await?,
+        "storm" => storm::storm(&b, &o).await?,
         w => return Err(format!("unknown workload {w}").into()),
     };
     out["workload"] = json!(b.workload);

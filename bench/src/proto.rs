@@ -246,45 +246,19 @@ async fn until(ws: &mut Ws, proto: Proto, done: impl Fn(&str) -> bool) -> Result
     }
 }
 
+/// Signs client `i` in (ours: a guest token; the others need none).
+pub async fn sign_in(t: &Target, i: usize) -> Result<String, Error> {
+    match t.proto {
+        Proto::Ours => guest_token(source_ip(i), t.addr, &format!("b{i}")).await,
+        _ => Ok(String::new()),
+    }
+}
+
 /// Opens client `i` and joins it to `room` (when given).
 pub async fn open(t: &Target, i: usize, room: Option<&str>) -> Result<Ws, Error> {
-    let ip = source_ip(i);
-    let token = match t.proto {
-        Proto::Ours => guest_token(ip, t.addr, &format!("b{i}")).await?,
-        _ => String::new(),
-    };
-    let stream = tcp(ip, t.addr).await?;
-    let url = format!("ws://{}{}", t.addr, t.proto.path(&token));
-    let mut request = url.into_client_request()?;
-    if let Some(sub) = t.proto.subprotocol() {
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(sub));
-    }
-    let (mut ws, _) = tokio_tungstenite::client_async(request, stream).await?;
+    let token = sign_in(t, i).await?;
+    let mut ws = connect(t, i, &token).await?;
     let p = t.proto;
-    match p {
-        Proto::Ours => {
-            until(&mut ws, p, |f| f.starts_with(r#"{"op":"welcome""#)).await?;
-        }
-        Proto::Raw => {}
-        Proto::SocketIo => {
-            until(&mut ws, p, |f| f.starts_with("0{")).await?;
-            ws.send(Message::text("40")).await?;
-            until(&mut ws, p, |f| f.starts_with("40")).await?;
-        }
-        Proto::Centrifugo => {
-            ws.send(Message::text(r#"{"id":1,"connect":{"name":"chatbench"}}"#))
-                .await?;
-            until(&mut ws, p, |f| f.contains(r#""id":1"#)).await?;
-        }
-        Proto::CentrifugoPb => {
-            let connect = pb::Request::Connect { name: "chatbench" };
-            ws.send(Message::binary(pb::command(1, Some(connect))))
-                .await?;
-            until(&mut ws, p, |f| f.starts_with(r#"{"id":1,"connect""#)).await?;
-        }
-    }
     if let Some(room) = room {
         match p {
             Proto::Ours | Proto::Raw => {
@@ -316,6 +290,44 @@ pub async fn open(t: &Target, i: usize, room: Option<&str>) -> Result<Ws, Error>
                     .await?;
                 until(&mut ws, p, |f| f.starts_with(r#"{"id":2,"subscribe""#)).await?;
             }
+        }
+    }
+    Ok(ws)
+}
+
+/// Opens the WebSocket of client `i`, signed in with `token`, up to the
+/// server's greeting (ours: `welcome`; Centrifugo: the connect reply).
+pub async fn connect(t: &Target, i: usize, token: &str) -> Result<Ws, Error> {
+    let stream = tcp(source_ip(i), t.addr).await?;
+    let url = format!("ws://{}{}", t.addr, t.proto.path(token));
+    let mut request = url.into_client_request()?;
+    if let Some(sub) = t.proto.subprotocol() {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(sub));
+    }
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream).await?;
+    let p = t.proto;
+    match p {
+        Proto::Ours => {
+            until(&mut ws, p, |f| f.starts_with(r#"{"op":"welcome""#)).await?;
+        }
+        Proto::Raw => {}
+        Proto::SocketIo => {
+            until(&mut ws, p, |f| f.starts_with("0{")).await?;
+            ws.send(Message::text("40")).await?;
+            until(&mut ws, p, |f| f.starts_with("40")).await?;
+        }
+        Proto::Centrifugo => {
+            ws.send(Message::text(r#"{"id":1,"connect":{"name":"chatbench"}}"#))
+                .await?;
+            until(&mut ws, p, |f| f.contains(r#""id":1"#)).await?;
+        }
+        Proto::CentrifugoPb => {
+            let connect = pb::Request::Connect { name: "chatbench" };
+            ws.send(Message::binary(pb::command(1, Some(connect))))
+                .await?;
+            until(&mut ws, p, |f| f.starts_with(r#"{"id":1,"connect""#)).await?;
         }
     }
     Ok(ws)
