@@ -374,12 +374,15 @@ async fn measure(b: &Bench, label: &str, secs: f64) -> Value {
     let e0 = s.errors.load(Relaxed);
     let x0 = s.dropped.load(Relaxed);
     let (c0, _) = proc_sample(&b.pids);
+    let me = [std::process::id()];
+    let (l0, _) = proc_sample(&me);
     let start = Instant::now();
     let bar = progress(b, label.to_string());
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     let el = start.elapsed().as_secs_f64();
     drop(bar);
     let (c1, rss) = proc_sample(&b.pids);
+    let (l1, _) = proc_sample(&me);
     let q = s.hist.quantiles(&QS);
     tokio::time::sleep(Duration::from_millis(20)).await;
     json!({
@@ -394,6 +397,8 @@ async fn measure(b: &Bench, label: &str, secs: f64) -> Value {
         "open": s.open.load(Relaxed),
         "server_cpu_pct": (c1.saturating_sub(c0)) as f64 / HZ / el * 100.0,
         "server_rss_mib": rss as f64 / 1024.0,
+        // The load generator's own CPU: near 100% pinned, it is the limit.
+        "load_generator_cpu_pct": (l1.saturating_sub(l0)) as f64 / HZ / el * 100.0,
     })
 }
 

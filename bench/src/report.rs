@@ -328,8 +328,8 @@ fn tables(run: &Run) -> Result<Vec<(String, String)>, Error> {
             continue;
         }
         let mut md = String::new();
-        let _ = writeln!(md, "| system | sustained rate, msgs/s | deliveries/s at it | p50 / p99 / p99.9 ms at it | server CPU % at it | server RSS MiB | subscribers dropped below saturation | why dropped (all steps) | runs |");
-        let _ = writeln!(md, "|---|---:|---:|---|---:|---:|---:|---|---:|");
+        let _ = writeln!(md, "| system | sustained rate, msgs/s | deliveries/s at it | p50 / p99 / p99.9 ms at it | server CPU % at it | load generator CPU % at it | server RSS MiB | subscribers dropped below saturation | why dropped (all steps) | runs |");
+        let _ = writeln!(md, "|---|---:|---:|---|---:|---:|---:|---:|---|---:|");
         for (sys, reps) in &rs {
             let at = |k: &'static str| {
                 Run::values(reps, move |r| {
@@ -338,13 +338,14 @@ fn tables(run: &Run) -> Result<Vec<(String, String)>, Error> {
             };
             let _ = writeln!(
                 md,
-                "| {sys} | {} | {} | {} / {} / {} | {} | {} | {:.0} | {} | {} |",
+                "| {sys} | {} | {} | {} / {} / {} | {} | {} | {} | {:.0} | {} | {} |",
                 sustained_cell(reps),
                 spread(&at("delivered_per_sec"), human),
                 ms(median(&at("p50_ms"))),
                 ms(median(&at("p99_ms"))),
                 ms(median(&at("p999_ms"))),
                 num(median(&at("server_cpu_pct"))),
+                num(median(&at("load_generator_cpu_pct"))),
                 num(median(&at("server_rss_mib"))),
                 Run::values(reps, |r| f(r, "drops_below_saturation"))
                     .iter()
