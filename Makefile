@@ -4,7 +4,7 @@ CARGO ?= cargo
 NPM ?= npm
 CONFIG ?= config/default.toml
 
-.PHONY: flood run test test-all lint unit-test cluster-topology-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick bench-doc
+.PHONY: flood run test test-all lint unit-test cluster-topology-test fuzz-quick fuzz-long frontend frontend-test e2e services-up services-down cluster cluster-down clean bench bench-quick bench-doc bench-profile
 
 ## run: build the web client and a release binary, start a standalone node on 127.0.0.1:8080
 run: frontend
@@ -106,6 +106,11 @@ bench:
 bench-quick:
 	bench/run quick
 	PIN=0 WORKLOADS=w1 bench/run quick
+
+## bench-profile: where our node's CPU goes in one W1 step, pinned (bench/profile; RATE=300)
+RATE ?= 300
+bench-profile:
+	bench/profile $(RATE)
 
 ## bench-doc: refresh the tables of BENCHMARKS.md from the committed results, running nothing
 bench-doc:
