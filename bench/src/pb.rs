@@ -204,6 +204,87 @@ fn fields(msg: &[u8]) -> Option<Vec<(u64, Value<'_>)>> {
     Some(out)
 }
 
+/// How a field is shown.
+#[derive(Clone, Copy)]
+enum Kind {
+    Int,
+    Bool,
+    Str,
+    /// Application data: JSON goes in as it is, as in the JSON protocol.
+    Data,
+    /// A message, shown with its own fields (none: named, not detailed).
+    Msg(&'static [Field]),
+    /// A repeated message, shown as an array after the other fields.
+    Many(&'static [Field]),
+}
+
+/// A field the text shows: its number, name and kind. Fields not listed
+/// are left out.
+type Field = (u64, &'static str, Kind);
+
+use Kind::{Bool, Data, Int, Many, Msg, Str};
+
+const NAMED: &[Field] = &[];
+const ERROR: &[Field] = &[
+    (1, "code", Int),
+    (2, "message", Str),
+    (3, "temporary", Bool),
+];
+const PUBLICATION: &[Field] = &[(4, "data", Data), (6, "offset", Int)];
+const UNSUBSCRIBE: &[Field] = &[(2, "code", Int), (3, "reason", Str)];
+const DISCONNECT: &[Field] = &[(1, "code", Int), (2, "reason", Str), (3, "reconnect", Bool)];
+const PUSH: &[Field] = &[
+    (1, "id", Int),
+    (2, "channel", Str),
+    (4, "pub", Msg(PUBLICATION)),
+    (5, "join", Msg(NAMED)),
+    (6, "leave", Msg(NAMED)),
+    (7, "unsubscribe", Msg(UNSUBSCRIBE)),
+    (8, "message", Msg(NAMED)),
+    (9, "subscribe", Msg(NAMED)),
+    (10, "connect", Msg(NAMED)),
+    (11, "disconnect", Msg(DISCONNECT)),
+    (12, "refresh", Msg(NAMED)),
+];
+const CONNECT_RESULT: &[Field] = &[
+    (1, "client", Str),
+    (2, "version", Str),
+    (3, "expires", Bool),
+    (4, "ttl", Int),
+    (7, "ping", Int),
+    (8, "pong", Bool),
+    (10, "node", Str),
+];
+/// `SubscribeResult`: its stream position, recovery flags and the
+/// publications recovered.
+const SUBSCRIBE_RESULT: &[Field] = &[
+    (3, "recoverable", Bool),
+    (6, "epoch", Str),
+    (7, "publications", Many(PUBLICATION)),
+    (8, "recovered", Bool),
+    (9, "offset", Int),
+    (10, "positioned", Bool),
+    (12, "was_recovering", Bool),
+];
+/// `Reply`: id, error, push, and one result per command (the ones the bench
+/// never asks for named, not detailed).
+const REPLY: &[Field] = &[
+    (1, "id", Int),
+    (2, "error", Msg(ERROR)),
+    (4, "push", Msg(PUSH)),
+    (5, "connect", Msg(CONNECT_RESULT)),
+    (6, "subscribe", Msg(SUBSCRIBE_RESULT)),
+    (7, "unsubscribe", Msg(NAMED)),
+    (8, "publish", Msg(NAMED)),
+    (9, "presence", Msg(NAMED)),
+    (10, "presence_stats", Msg(NAMED)),
+    (11, "history", Msg(NAMED)),
+    (12, "ping", Msg(NAMED)),
+    (13, "rpc", Msg(NAMED)),
+    (14, "refresh", Msg(NAMED)),
+    (15, "sub_refresh", Msg(NAMED)),
+];
+
 /// Text output, written in the order the fields come.
 struct Out(String);
 
@@ -215,21 +296,6 @@ impl Out {
         self.0.push('"');
         self.0.push_str(name);
         self.0.push_str("\":");
-    }
-
-    fn int(&mut self, name: &str, v: u64) {
-        self.key(name);
-        let _ = write!(self.0, "{v}");
-    }
-
-    fn bool(&mut self, name: &str, v: u64) {
-        self.key(name);
-        self.0.push_str(if v != 0 { "true" } else { "false" });
-    }
-
-    fn str(&mut self, name: &str, v: &[u8]) {
-        self.key(name);
-        self.quoted(&String::from_utf8_lossy(v));
     }
 
     fn quoted(&mut self, s: &str) {
@@ -248,216 +314,70 @@ impl Out {
         self.0.push('"');
     }
 
-    /// Application data: JSON (what the bench publishes) goes in as it is,
-    /// as in the JSON protocol; anything else as a string.
-    fn data(&mut self, name: &str, v: &[u8]) {
-        match std::str::from_utf8(v) {
-            Ok(s) if s.starts_with('{') || s.starts_with('[') => {
-                self.key(name);
-                self.0.push_str(s);
-            }
-            _ => self.str(name, v),
-        }
-    }
-
-    fn open(&mut self, name: &str) {
-        self.key(name);
+    /// The fields of `msg` that `schema` lists, between braces: the
+    /// repeated ones last, each as an array.
+    fn message(&mut self, msg: &[u8], schema: &[Field]) -> Option<()> {
         self.0.push('{');
-    }
-
-    fn close(&mut self) {
+        if !schema.is_empty() {
+            let fs = fields(msg)?;
+            for (n, v) in &fs {
+                let Some((_, name, kind)) = schema.iter().find(|f| f.0 == *n) else {
+                    continue;
+                };
+                match (*kind, *v) {
+                    (Int, Value::Int(i)) => {
+                        self.key(name);
+                        let _ = write!(self.0, "{i}");
+                    }
+                    (Bool, Value::Int(b)) => {
+                        self.key(name);
+                        self.0.push_str(if b != 0 { "true" } else { "false" });
+                    }
+                    (Str, Value::Bytes(b)) => {
+                        self.key(name);
+                        self.quoted(&String::from_utf8_lossy(b));
+                    }
+                    (Data, Value::Bytes(b)) => {
+                        self.key(name);
+                        match std::str::from_utf8(b) {
+                            Ok(s) if s.starts_with('{') || s.starts_with('[') => self.0.push_str(s),
+                            _ => self.quoted(&String::from_utf8_lossy(b)),
+                        }
+                    }
+                    (Msg(inner), Value::Bytes(b)) => {
+                        self.key(name);
+                        self.message(b, inner)?;
+                    }
+                    _ => {}
+                }
+            }
+            for (number, name, kind) in schema {
+                let Many(inner) = *kind else { continue };
+                let mut items = fs.iter().filter_map(|(n, v)| match v {
+                    Value::Bytes(b) if n == number => Some(*b),
+                    _ => None,
+                });
+                if let Some(first) = items.next() {
+                    self.key(name);
+                    self.0.push('[');
+                    self.message(first, inner)?;
+                    for b in items {
+                        self.0.push(',');
+                        self.message(b, inner)?;
+                    }
+                    self.0.push(']');
+                }
+            }
+        }
         self.0.push('}');
+        Some(())
     }
 }
-
-const RESULTS: [&str; 16] = [
-    "",
-    "",
-    "",
-    "",
-    "",
-    "connect",
-    "subscribe",
-    "unsubscribe",
-    "publish",
-    "presence",
-    "presence_stats",
-    "history",
-    "ping",
-    "rpc",
-    "refresh",
-    "sub_refresh",
-];
-
-const PUSHES: [&str; 13] = [
-    "",
-    "",
-    "",
-    "",
-    "pub",
-    "join",
-    "leave",
-    "unsubscribe",
-    "message",
-    "subscribe",
-    "connect",
-    "disconnect",
-    "refresh",
-];
 
 fn reply_text(msg: &[u8]) -> Option<String> {
-    let mut o = Out(String::from("{"));
-    for (n, v) in fields(msg)? {
-        match (n, v) {
-            (1, Value::Int(id)) => o.int("id", id),
-            (2, Value::Bytes(m)) => {
-                o.open("error");
-                error(&mut o, m)?;
-                o.close();
-            }
-            (4, Value::Bytes(m)) => {
-                o.open("push");
-                push(&mut o, m)?;
-                o.close();
-            }
-            (5, Value::Bytes(m)) => {
-                o.open("connect");
-                connect_result(&mut o, m)?;
-                o.close();
-            }
-            (6, Value::Bytes(m)) => {
-                o.open("subscribe");
-                subscribe_result(&mut o, m)?;
-                o.close();
-            }
-            (n, Value::Bytes(_)) if (n as usize) < RESULTS.len() && n >= 5 => {
-                // The results the bench never asks for: named, not detailed.
-                o.open(RESULTS[n as usize]);
-                o.close();
-            }
-            _ => {}
-        }
-    }
-    o.close();
+    let mut o = Out(String::new());
+    o.message(msg, REPLY)?;
     Some(o.0)
-}
-
-/// `Error`: code 1, message 2, temporary 3.
-fn error(o: &mut Out, m: &[u8]) -> Option<()> {
-    for (n, v) in fields(m)? {
-        match (n, v) {
-            (1, Value::Int(c)) => o.int("code", c),
-            (2, Value::Bytes(s)) => o.str("message", s),
-            (3, Value::Int(b)) => o.bool("temporary", b),
-            _ => {}
-        }
-    }
-    Some(())
-}
-
-fn push(o: &mut Out, m: &[u8]) -> Option<()> {
-    for (n, v) in fields(m)? {
-        match (n, v) {
-            (1, Value::Int(id)) => o.int("id", id),
-            (2, Value::Bytes(s)) => o.str("channel", s),
-            (4, Value::Bytes(p)) => {
-                o.open("pub");
-                publication(o, p)?;
-                o.close();
-            }
-            (7, Value::Bytes(u)) => {
-                // Unsubscribe: code 2, reason 3.
-                o.open("unsubscribe");
-                for (n, v) in fields(u)? {
-                    match (n, v) {
-                        (2, Value::Int(c)) => o.int("code", c),
-                        (3, Value::Bytes(s)) => o.str("reason", s),
-                        _ => {}
-                    }
-                }
-                o.close();
-            }
-            (11, Value::Bytes(d)) => {
-                // Disconnect: code 1, reason 2, reconnect 3.
-                o.open("disconnect");
-                for (n, v) in fields(d)? {
-                    match (n, v) {
-                        (1, Value::Int(c)) => o.int("code", c),
-                        (2, Value::Bytes(s)) => o.str("reason", s),
-                        (3, Value::Int(b)) => o.bool("reconnect", b),
-                        _ => {}
-                    }
-                }
-                o.close();
-            }
-            (n, Value::Bytes(_)) if (n as usize) < PUSHES.len() && n >= 4 => {
-                o.open(PUSHES[n as usize]);
-                o.close();
-            }
-            _ => {}
-        }
-    }
-    Some(())
-}
-
-/// `Publication`: data 4, offset 6 (the rest is not shown).
-fn publication(o: &mut Out, m: &[u8]) -> Option<()> {
-    for (n, v) in fields(m)? {
-        match (n, v) {
-            (4, Value::Bytes(d)) => o.data("data", d),
-            (6, Value::Int(off)) => o.int("offset", off),
-            _ => {}
-        }
-    }
-    Some(())
-}
-
-fn connect_result(o: &mut Out, m: &[u8]) -> Option<()> {
-    for (n, v) in fields(m)? {
-        match (n, v) {
-            (1, Value::Bytes(s)) => o.str("client", s),
-            (2, Value::Bytes(s)) => o.str("version", s),
-            (3, Value::Int(b)) => o.bool("expires", b),
-            (4, Value::Int(t)) => o.int("ttl", t),
-            (7, Value::Int(p)) => o.int("ping", p),
-            (8, Value::Int(b)) => o.bool("pong", b),
-            (10, Value::Bytes(s)) => o.str("node", s),
-            _ => {}
-        }
-    }
-    Some(())
-}
-
-/// `SubscribeResult`: its stream position, recovery flags and the
-/// publications recovered (field 7, repeated).
-fn subscribe_result(o: &mut Out, m: &[u8]) -> Option<()> {
-    let mut pubs = Vec::new();
-    for (n, v) in fields(m)? {
-        match (n, v) {
-            (3, Value::Int(b)) => o.bool("recoverable", b),
-            (6, Value::Bytes(s)) => o.str("epoch", s),
-            (7, Value::Bytes(p)) => pubs.push(p),
-            (8, Value::Int(b)) => o.bool("recovered", b),
-            (9, Value::Int(off)) => o.int("offset", off),
-            (10, Value::Int(b)) => o.bool("positioned", b),
-            (12, Value::Int(b)) => o.bool("was_recovering", b),
-            _ => {}
-        }
-    }
-    if !pubs.is_empty() {
-        o.key("publications");
-        o.0.push('[');
-        for (i, p) in pubs.into_iter().enumerate() {
-            if i > 0 {
-                o.0.push(',');
-            }
-            o.0.push('{');
-            publication(o, p)?;
-            o.close();
-        }
-        o.0.push(']');
-    }
-    Some(())
 }
 
 #[cfg(test)]

@@ -305,7 +305,7 @@ fn limit(reps: &[Value]) -> String {
 /// The sustained rates of the runs; a run that missed even the lowest
 /// step is shown as below it.
 fn sustained_cell(reps: &[Value]) -> String {
-    let rates = Run::values(reps, |r| f(r, "sustained_rate"));
+    let rates = key(reps, "sustained_rate");
     if rates.iter().all(|r| *r == 0.0) {
         let lowest = reps
             .iter()
@@ -315,6 +315,16 @@ fn sustained_cell(reps: &[Value]) -> String {
         return format!("below {}", num(lowest));
     }
     spread(&rates, num)
+}
+
+/// The values of one key, a run each.
+fn key(reps: &[Value], k: &str) -> Vec<f64> {
+    reps.iter().map(|r| f(r, k)).collect()
+}
+
+/// The sum of one key over the runs.
+fn total(reps: &[Value], k: &str) -> f64 {
+    reps.iter().map(|r| f(r, k)).sum()
 }
 
 fn steps(r: &Value) -> Vec<Value> {
@@ -375,9 +385,7 @@ fn tables(run: &Run) -> Result<Vec<(String, String)>, Error> {
                 num(median(&at("server_cpu_pct"))),
                 limit(reps),
                 num(median(&at("server_rss_mib"))),
-                Run::values(reps, |r| f(r, "drops_below_saturation"))
-                    .iter()
-                    .sum::<f64>(),
+                total(reps, "drops_below_saturation"),
                 causes(reps),
                 reps.len()
             );
@@ -469,22 +477,21 @@ fn tables(run: &Run) -> Result<Vec<(String, String)>, Error> {
         let _ = writeln!(md, "| system | connected / clients | delivered msgs/s (expected) | p50 / p99 / p99.9 ms | p99 ms over runs | errors | dropped | server CPU % | server RSS MiB | runs |");
         let _ = writeln!(md, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
         for (sys, reps) in &rs {
-            let v = |k: &'static str| Run::values(reps, move |r| f(r, k));
             let _ = writeln!(
                 md,
                 "| {sys} | {:.0} / {:.0} | {} ({}) | {} / {} / {} | {} | {:.0} | {:.0} | {} | {} | {} |",
-                median(&v("connected")),
-                median(&v("clients")),
-                human(median(&v("delivered_per_sec"))),
-                human(median(&v("expected_delivered_per_sec"))),
-                ms(median(&v("p50_ms"))),
-                ms(median(&v("p99_ms"))),
-                ms(median(&v("p999_ms"))),
-                spread(&v("p99_ms"), ms),
-                v("errors").iter().sum::<f64>(),
-                v("dropped").iter().sum::<f64>(),
-                num(median(&v("server_cpu_pct"))),
-                num(median(&v("server_rss_mib"))),
+                median(&key(reps, "connected")),
+                median(&key(reps, "clients")),
+                human(median(&key(reps, "delivered_per_sec"))),
+                human(median(&key(reps, "expected_delivered_per_sec"))),
+                ms(median(&key(reps, "p50_ms"))),
+                ms(median(&key(reps, "p99_ms"))),
+                ms(median(&key(reps, "p999_ms"))),
+                spread(&key(reps, "p99_ms"), ms),
+                total(reps, "errors"),
+                total(reps, "dropped"),
+                num(median(&key(reps, "server_cpu_pct"))),
+                num(median(&key(reps, "server_rss_mib"))),
                 reps.len()
             );
         }
@@ -498,23 +505,22 @@ fn tables(run: &Run) -> Result<Vec<(String, String)>, Error> {
         let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
         let mut bars = Vec::new();
         for (sys, reps) in &rs {
-            let v = |k: &'static str| Run::values(reps, move |r| f(r, k));
             let accept = Run::values(reps, |r| {
                 f(r, "connected") / f(r, "connect_per_sec").max(1e-9)
             });
             let _ = writeln!(
                 md,
                 "| {sys} | {:.0} / {:.0} | {} | {} | {} | {} | {:.0} | {} |",
-                median(&v("connected")),
-                median(&v("clients")),
-                spread(&v("kib_per_connection"), num),
-                spread(&v("connect_per_sec"), num),
+                median(&key(reps, "connected")),
+                median(&key(reps, "clients")),
+                spread(&key(reps, "kib_per_connection"), num),
+                spread(&key(reps, "connect_per_sec"), num),
                 spread(&accept, num),
-                num(median(&v("rss_after_mib"))),
-                v("dropped").iter().sum::<f64>(),
+                num(median(&key(reps, "rss_after_mib"))),
+                total(reps, "dropped"),
                 reps.len()
             );
-            bars.push((sys.to_string(), median(&v("kib_per_connection"))));
+            bars.push((sys.to_string(), median(&key(reps, "kib_per_connection"))));
         }
         std::fs::write(
             format!("{}/idle.svg", run.dir),
@@ -533,7 +539,6 @@ fn tables(run: &Run) -> Result<Vec<(String, String)>, Error> {
         let _ = writeln!(md, "| system | clients × window | accepted (acked) msgs/s | acked, all runs | lost, all runs | documents in MongoDB | drain s | runs |");
         let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
         for (sys, reps) in &rs {
-            let v = |k: &'static str| Run::values(reps, move |r| f(r, k));
             let docs: Vec<String> = reps
                 .iter()
                 .map(|r| {
@@ -544,13 +549,13 @@ fn tables(run: &Run) -> Result<Vec<(String, String)>, Error> {
             let _ = writeln!(
                 md,
                 "| {sys} | {:.0} × {:.0} | {} | {:.0} | {:.0} | {} | {} | {} |",
-                median(&v("clients")),
-                median(&v("window")),
-                spread(&v("acked_per_sec"), num),
-                v("acked_total").iter().sum::<f64>(),
-                v("lost").iter().sum::<f64>(),
+                median(&key(reps, "clients")),
+                median(&key(reps, "window")),
+                spread(&key(reps, "acked_per_sec"), num),
+                total(reps, "acked_total"),
+                total(reps, "lost"),
                 docs.join(", "),
-                spread(&v("drain_secs"), num),
+                spread(&key(reps, "drain_secs"), num),
                 reps.len()
             );
         }
@@ -573,7 +578,6 @@ fn storm_table(rs: &[(&str, &[Value])]) -> String {
     let _ = writeln!(md, "| system | resumed / dropped | time until all resumed, s | messages missed, all runs | duplicates, all runs | steady clients p50 / p99 ms before → during the storm | server RSS MiB at the peak | runs |");
     let _ = writeln!(md, "|---|---|---:|---:|---:|---|---:|---:|");
     for (sys, reps) in rs {
-        let v = |k: &'static str| Run::values(reps, move |r| f(r, k));
         let lat = |when: &'static str, q: &'static str| {
             ms(median(&Run::values(reps, move |r| {
                 f(&r["steady_latency"][when], q)
@@ -582,11 +586,11 @@ fn storm_table(rs: &[(&str, &[Value])]) -> String {
         let _ = writeln!(
             md,
             "| {sys} | {:.0} / {:.0} | {} | {:.0} | {:.0} | {} / {} → {} / {} | {} | {} |",
-            median(&v("resumed")),
-            median(&v("storm_clients")),
-            spread(&v("resume_all_secs"), num),
-            v("missed").iter().sum::<f64>(),
-            v("duplicates").iter().sum::<f64>(),
+            median(&key(reps, "resumed")),
+            median(&key(reps, "storm_clients")),
+            spread(&key(reps, "resume_all_secs"), num),
+            total(reps, "missed"),
+            total(reps, "duplicates"),
             lat("before", "p50_ms"),
             lat("before", "p99_ms"),
             lat("storm", "p50_ms"),
@@ -609,9 +613,7 @@ fn goals(run: &Run) -> Option<String> {
             .find(|(s, _)| *s == sys)
             .map(|(_, r)| r.to_vec())
     };
-    let sustained = |sys: &str| {
-        get("fanout", sys).map(|r| median(&Run::values(&r, |v| f(v, "sustained_rate"))))
-    };
+    let sustained = |sys: &str| get("fanout", sys).map(|r| median(&key(&r, "sustained_rate")));
     let ours = sustained("ours")?;
     let mut md = String::new();
     let _ = writeln!(md, "| goal | measured | met |");
@@ -679,12 +681,9 @@ fn goals(run: &Run) -> Option<String> {
             );
         }
     }
-    let kib = |sys: &str| {
-        get("idle", sys).map(|r| median(&Run::values(&r, |v| f(v, "kib_per_connection"))))
-    };
+    let kib = |sys: &str| get("idle", sys).map(|r| median(&key(&r, "kib_per_connection")));
     if let (Some(a), Some(b)) = (kib("ours"), kib("centrifugo-tuned").filter(|b| *b > 0.0)) {
-        let n =
-            get("idle", "ours").map_or(0.0, |r| median(&Run::values(&r, |v| f(v, "connected"))));
+        let n = get("idle", "ours").map_or(0.0, |r| median(&key(&r, "connected")));
         row(
             &format!("W3 memory per idle connection ≤ 0.6× Centrifugo with tuned buffers (at {n:.0} connections)"),
             format!("{:.2}× ({a:.1} / {b:.1} KiB)", a / b),
@@ -692,14 +691,14 @@ fn goals(run: &Run) -> Option<String> {
         );
     }
     if let Some(reps) = get("storm", "ours") {
-        let missed: f64 = Run::values(&reps, |v| f(v, "missed")).iter().sum();
-        let secs = Run::values(&reps, |v| f(v, "resume_all_secs"))
+        let missed: f64 = total(&reps, "missed");
+        let secs = key(&reps, "resume_all_secs")
             .into_iter()
             .fold(0.0f64, f64::max);
         let all = reps
             .iter()
             .all(|r| f(r, "resumed") >= f(r, "storm_clients") && f(r, "storm_clients") > 0.0);
-        let n = median(&Run::values(&reps, |v| f(v, "storm_clients")));
+        let n = median(&key(&reps, "storm_clients"));
         row(
             &format!(
                 "W6: every reconnected client has every message, all resumed within 10 s (at {n:.0} clients in one room; the goal's size is 10,000)"
