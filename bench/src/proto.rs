@@ -115,14 +115,17 @@ impl Proto {
     /// packs them length-prefixed into a binary frame, and each is turned
     /// into the text its JSON twin would be (see `pb`). Every other
     /// protocol sends one per frame. Control frames carry none.
-    pub fn replies(self, m: &Message) -> Vec<Cow<'_, str>> {
-        match m {
-            Message::Text(t) => self.text_replies(t).map(Cow::Borrowed).collect(),
-            Message::Binary(b) if self == Proto::CentrifugoPb => {
-                pb::replies(b).into_iter().map(Cow::Owned).collect()
-            }
-            _ => Vec::new(),
-        }
+    /// Text frames are read in place: nothing is allocated per frame.
+    pub fn replies(self, m: &Message) -> impl Iterator<Item = Cow<'_, str>> {
+        let (text, decoded) = match m {
+            Message::Text(t) => (Some(t.as_str()), Vec::new()),
+            Message::Binary(b) if self == Proto::CentrifugoPb => (None, pb::replies(b)),
+            _ => (None, Vec::new()),
+        };
+        text.into_iter()
+            .flat_map(move |t| self.text_replies(t))
+            .map(Cow::Borrowed)
+            .chain(decoded.into_iter().map(Cow::Owned))
     }
 
     fn text_replies(self, frame: &str) -> impl Iterator<Item = &str> {
@@ -341,7 +344,7 @@ mod tests {
     fn centrifugo_frames_are_split_into_their_replies() {
         let frame = "{}\n{\"id\":12,\"publish\":{}}\n{\"push\":{\"pub\":{}}}";
         let m = Message::text(frame);
-        let replies: Vec<Cow<str>> = Proto::Centrifugo.replies(&m);
+        let replies: Vec<Cow<str>> = Proto::Centrifugo.replies(&m).collect();
         assert_eq!(
             replies,
             ["{}", r#"{"id":12,"publish":{}}"#, r#"{"push":{"pub":{}}}"#]
@@ -355,7 +358,12 @@ mod tests {
             1
         );
         assert_eq!(replies.iter().filter(|r| p.is_ack(r)).count(), 1);
-        assert_eq!(Proto::Centrifugo.replies(&Message::text("{}")), ["{}"]);
+        assert_eq!(
+            Proto::Centrifugo
+                .replies(&Message::text("{}"))
+                .collect::<Vec<_>>(),
+            ["{}"]
+        );
     }
 
     #[test]
@@ -374,7 +382,7 @@ mod tests {
         frame.extend([push.len() as u8 + 2, 0x22, push.len() as u8]);
         frame.extend(&push);
         let m = Message::binary(frame);
-        let replies = p.replies(&m);
+        let replies: Vec<_> = p.replies(&m).collect();
         assert_eq!(replies.len(), 4);
         let pongs: Vec<Message> = replies
             .iter()
@@ -421,7 +429,10 @@ mod tests {
     fn other_frames_are_one_reply_each() {
         let frame = "{\"op\":\"msg\",\"text\":\"a\\nb\"}";
         for p in [Proto::Ours, Proto::Raw, Proto::SocketIo] {
-            assert_eq!(p.replies(&Message::text(frame)), [frame]);
+            assert_eq!(
+                p.replies(&Message::text(frame)).collect::<Vec<_>>(),
+                [frame]
+            );
         }
     }
 }
