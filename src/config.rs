@@ -654,6 +654,11 @@ pub struct Limits {
     /// Outbound bytes queued for one connection above which it is closed
     /// (a reader this slow would hold the node's memory hostage).
     pub outbound_hard_bytes: usize,
+    /// The least time between two fan-outs of one room's messages, in
+    /// milliseconds: a message after a quiet spell goes out at once, and
+    /// those that follow within this time go out together, in one write to
+    /// each member. 0 sends each one at once.
+    pub fanout_window_ms: u64,
     /// Rooms one connection may have joined at once.
     pub max_rooms_per_session: usize,
     /// Frames one user may send per second over all of their connections
@@ -695,6 +700,7 @@ impl Default for Limits {
             client_timeout_secs: 30,
             outbound_soft_bytes: 256 * 1024,
             outbound_hard_bytes: 1024 * 1024,
+            fanout_window_ms: 10,
             max_rooms_per_session: 100,
             user_rate_per_sec: 30.0,
             user_rate_burst: 60,
@@ -852,6 +858,9 @@ impl Settings {
                 "limits.outbound_hard_bytes",
                 "must be larger than limits.outbound_soft_bytes, which must be positive",
             );
+        }
+        if l.fanout_window_ms > 1000 {
+            return fail("limits.fanout_window_ms", "must be at most 1000");
         }
         if l.max_rooms_per_session == 0 {
             return fail("limits.max_rooms_per_session", "must be positive");

@@ -67,6 +67,7 @@ impl Node {
         let registry = registry_ctx.run(RoomRegistry::new(
             settings.node.id.clone(),
             store.clone(),
+            Duration::from_millis(settings.limits.fanout_window_ms),
             metrics.clone(),
         ));
         let persist = cluster.as_ref().and_then(|parts| parts.persist.clone());

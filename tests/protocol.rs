@@ -247,6 +247,64 @@ async fn two_clients_see_each_others_messages() {
         .await;
 }
 
+/// A room sends a message that comes after a quiet spell at once, and the
+/// ones that follow it within `limits.fanout_window_ms` together once the
+/// window has passed, in `seq` order.
+#[tokio::test]
+async fn messages_that_follow_closely_go_out_together_after_the_window() {
+    const WINDOW: Duration = Duration::from_millis(1000);
+    const BURST: u64 = 5;
+    let node = TestNode::start(NodeOpts {
+        env: vec![(
+            "SCALABLE_CHAT__LIMITS__FANOUT_WINDOW_MS".into(),
+            WINDOW.as_millis().to_string(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let (mut a, _, _) = node.user("ann").await;
+    let (mut b, _, _) = node.user("bob").await;
+    a.join("window").await;
+    b.join("window").await;
+
+    let sent = std::time::Instant::now();
+    a.send_json(&json!({"op": "send", "room": "window", "text": "first", "cid": "w0"}))
+        .await;
+    let first = b.recv_until("msg").await;
+    let first_at = std::time::Instant::now();
+    assert_eq!(first["text"], "first");
+    assert!(
+        first_at - sent < WINDOW / 2,
+        "a message after a quiet spell waited {:?}",
+        first_at - sent
+    );
+
+    for i in 1..=BURST {
+        a.send_json(&json!({"op": "send", "room": "window", "text": format!("m{i}"), "cid": format!("w{i}")}))
+            .await;
+    }
+    let mut arrivals = Vec::new();
+    let mut seqs = Vec::new();
+    while seqs.len() < BURST as usize {
+        let m = b.recv_until("msg").await;
+        arrivals.push(std::time::Instant::now());
+        seqs.push(m["seq"].as_u64().unwrap());
+    }
+    let start = first["seq"].as_u64().unwrap();
+    assert_eq!(seqs, (start + 1..=start + BURST).collect::<Vec<_>>());
+    // The first fan-out went out before `first` arrived, so the next one is
+    // a window after it at the earliest.
+    let waited = arrivals[0] - first_at;
+    assert!(
+        waited >= WINDOW * 4 / 5,
+        "messages right after another went out {waited:?} later, within the window"
+    );
+    assert!(
+        arrivals[BURST as usize - 1] - arrivals[0] < WINDOW / 2,
+        "the burst did not go out together"
+    );
+}
+
 #[tokio::test]
 async fn presence_on_join_leave_and_disconnect() {
     let node = TestNode::start_default().await;

@@ -19,23 +19,39 @@ use bytestring::ByteString;
 
 use crate::metrics::Metrics;
 
-/// A frame for the session, already counted in its outbox. An empty frame
-/// asks the session to close as a slow reader.
+/// What goes to a session, already counted in its outbox.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Outbound {
-    pub frame: ByteString,
-    pub kind: FrameKind,
+pub enum Outbound {
+    /// Typing and presence: dropped first when the reader is slow.
+    Droppable(ByteString),
+    /// Messages of one room, never dropped, and held back while the room
+    /// replays.
+    Messages(Arc<MessageBatch>),
+    /// The outbox cut the session off: close it as a slow reader.
+    CutOff,
 }
 
-/// What an outbound frame is, for the slow-reader policy and the replay
-/// bookkeeping.
-#[derive(Debug, Clone)]
-pub enum FrameKind {
-    /// A `msg` frame: never dropped, and held back while its room replays.
-    Message { room: Arc<str>, seq: u64 },
-    /// Typing and presence: dropped first when the reader is slow.
-    Droppable,
+/// Messages of one room in `seq` order, each frame encoded once and the
+/// batch shared by every member it goes to: a member gets all of them in
+/// one mailbox message and one socket write.
+pub struct MessageBatch {
+    pub room: Arc<str>,
+    pub frames: Vec<(u64, ByteString)>,
+    /// Bytes the frames take on the wire.
+    wire: usize,
+}
+
+impl MessageBatch {
+    pub fn new(room: Arc<str>, frames: Vec<(u64, ByteString)>) -> Self {
+        let wire = frames.iter().map(|(_, f)| wire_len(f.len())).sum();
+        Self { room, frames, wire }
+    }
+
+    /// Bytes the frames take on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.wire
+    }
 }
 
 /// Bytes a server text frame of `payload` bytes takes on the wire.
@@ -85,29 +101,44 @@ impl SessionOutbox {
         let _ = self.addr.set(addr);
     }
 
-    /// Queues a frame for the session, or applies the slow-reader policy.
-    pub fn push(&self, frame: ByteString, kind: FrameKind) {
-        let Some(addr) = self.addr.get() else {
-            return;
-        };
+    /// Queues a typing or presence frame, unless the reader is slow.
+    pub fn push_droppable(&self, frame: ByteString) {
+        let size = wire_len(frame.len());
         if self.is_closing() {
             return;
         }
-        let size = wire_len(frame.len());
-        let queued = self.queued();
-        if matches!(kind, FrameKind::Droppable) && queued + size > self.soft {
+        if self.queued() + size > self.soft {
             self.metrics.frames_dropped.fetch_add(1, Relaxed);
             return;
         }
-        if queued + size > self.hard {
-            self.cut_off();
+        self.queue(size, Outbound::Droppable(frame));
+    }
+
+    /// Queues messages for the session, or cuts it off when they would
+    /// take its queue over the hard limit.
+    pub fn push_messages(&self, batch: Arc<MessageBatch>) {
+        if self.is_closing() {
             return;
         }
-        self.queued.fetch_add(size, Relaxed);
-        if let FrameKind::Message { .. } = kind {
-            self.metrics.messages_out.fetch_add(1, Relaxed);
+        let count = batch.frames.len() as u64;
+        if self.queue(batch.wire_len(), Outbound::Messages(batch)) {
+            self.metrics.messages_out.fetch_add(count, Relaxed);
         }
-        addr.do_send(Outbound { frame, kind });
+    }
+
+    /// Hands `outbound` of `size` wire bytes to the session: false when the
+    /// session has not started or is cut off now.
+    fn queue(&self, size: usize, outbound: Outbound) -> bool {
+        let Some(addr) = self.addr.get() else {
+            return false;
+        };
+        if self.queued() + size > self.hard {
+            self.cut_off();
+            return false;
+        }
+        self.queued.fetch_add(size, Relaxed);
+        addr.do_send(outbound);
+        true
     }
 
     /// Closes a connection that reads too slowly with a 1008 close frame,
@@ -120,10 +151,7 @@ impl SessionOutbox {
         self.uncount();
         log::warn!("Closing a slow reader: its outbound queue is full.");
         if let Some(addr) = self.addr.get() {
-            addr.do_send(Outbound {
-                frame: ByteString::new(),
-                kind: FrameKind::Droppable,
-            });
+            addr.do_send(Outbound::CutOff);
         }
     }
 

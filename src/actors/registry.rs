@@ -121,17 +121,25 @@ pub struct RoomRegistry {
     store: Arc<dyn MessageStore>,
     /// Cluster mode only: the relay to the other nodes.
     bridge: Option<Addr<RedisBridge>>,
+    /// See [`Room::new`].
+    fanout_window: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl RoomRegistry {
-    pub fn new(node_id: String, store: Arc<dyn MessageStore>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        node_id: String,
+        store: Arc<dyn MessageStore>,
+        fanout_window: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             rooms: HashMap::new(),
             sessions: HashMap::new(),
             node_id,
             store,
             bridge: None,
+            fanout_window,
             metrics,
         }
     }
@@ -196,6 +204,7 @@ impl Handler<Join> for RoomRegistry {
                 self.node_id.clone(),
                 self.store.clone(),
                 self.bridge.clone(),
+                self.fanout_window,
                 self.metrics.clone(),
             );
             RoomEntry {

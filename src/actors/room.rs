@@ -13,7 +13,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 
 use super::messages::RelayDown;
-use super::outbox::{FrameKind, SessionOutbox};
+use super::outbox::{MessageBatch, SessionOutbox};
 use super::redis_bridge::{Broadcast, RedisBridge, RemoteMembers, Subscribe};
 use crate::metrics::Metrics;
 use crate::protocol::{frames, User};
@@ -213,6 +213,15 @@ pub struct Room {
     presence_changes: HashMap<String, (User, bool)>,
     /// A flush of `presence_changes` is scheduled.
     presence_flush: bool,
+    /// Messages released by the gate and not yet sent to the members, in
+    /// `seq` order.
+    outgoing: Vec<(u64, ByteString)>,
+    /// A fan-out of `outgoing` is scheduled.
+    fanout_scheduled: bool,
+    /// When the last fan-out went out.
+    last_fanout: Option<Instant>,
+    /// The least time between two fan-outs (see [`Room::new`]).
+    fanout_window: Duration,
     typing: TypingThrottle,
     gate: SeqGate,
     /// A backfill is reading the store; another is to follow it.
@@ -227,11 +236,19 @@ pub struct Room {
 }
 
 impl Room {
+    /// `fanout_window` is the least time between two fan-outs of the room's
+    /// messages. A message that comes after a quiet spell goes out at once;
+    /// those that follow it within the window are gathered and sent
+    /// together, so that under load each member gets several messages in
+    /// one mailbox message and one socket write instead of one each:
+    /// writing to the sockets is most of a busy node's work (see
+    /// BENCHMARKS.md), and the window bounds the latency this adds.
     pub fn new(
         name: String,
         node_id: String,
         store: Arc<dyn MessageStore>,
         bridge: Option<Addr<RedisBridge>>,
+        fanout_window: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -243,6 +260,10 @@ impl Room {
             remote_nodes: HashMap::new(),
             presence_changes: HashMap::new(),
             presence_flush: false,
+            outgoing: Vec::new(),
+            fanout_scheduled: false,
+            last_fanout: None,
+            fanout_window,
             typing: TypingThrottle::default(),
             gate: SeqGate::default(),
             backfilling: false,
@@ -272,7 +293,7 @@ impl Room {
     fn tell_others(&self, except_user: &str, frame: ByteString) {
         for m in self.members.values() {
             if m.user.id != except_user {
-                m.outbox.push(frame.clone(), FrameKind::Droppable);
+                m.outbox.push_droppable(frame.clone());
             }
         }
     }
@@ -355,7 +376,7 @@ impl Room {
                 Some(common.clone())
             };
             if let Some(frame) = frame {
-                m.outbox.push(frame, FrameKind::Droppable);
+                m.outbox.push_droppable(frame);
             }
         }
     }
@@ -376,17 +397,27 @@ impl Room {
         self.members.is_empty() && self.remote.is_empty() && self.gate.delivered == Some(0)
     }
 
-    fn fan_out(&self, ready: Vec<(u64, ByteString)>) {
-        for (seq, frame) in ready {
-            for m in self.members.values() {
-                m.outbox.push(
-                    frame.clone(),
-                    FrameKind::Message {
-                        room: self.name.clone(),
-                        seq,
-                    },
-                );
-            }
+    /// Sends messages the gate released to every member: at once after a
+    /// quiet spell, else together with those that follow within
+    /// the room's fan-out window.
+    fn fan_out(&mut self, ready: Vec<(u64, ByteString)>, ctx: &mut Context<Self>) {
+        if ready.is_empty() {
+            return;
+        }
+        self.outgoing.extend(ready);
+        if self.fanout_scheduled {
+            return;
+        }
+        self.fanout_scheduled = true;
+        let wait = self
+            .last_fanout
+            .map(|at| (at + self.fanout_window).saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        // Either way, messages already in the mailbox go out with this one.
+        if wait.is_zero() {
+            ctx.notify(FanOut);
+        } else {
+            ctx.notify_later(FanOut, wait);
         }
     }
 
@@ -415,7 +446,7 @@ impl Room {
                     let now = Instant::now();
                     for m in &page {
                         let ready = act.gate.offer(m.seq, frames::msg(m).into(), now);
-                        act.fan_out(ready);
+                        act.fan_out(ready, ctx);
                     }
                     if let (true, Some(last)) = (page.len() == BACKFILL_PAGE, page.last()) {
                         act.backfill_from(last.seq, 1, ctx);
@@ -483,10 +514,10 @@ impl Actor for Room {
             }
         }));
         // Release held messages whose missing predecessors never came.
-        ctx.run_interval(HOLD_BACK / 5, |act, _| {
+        ctx.run_interval(HOLD_BACK / 5, |act, ctx| {
             if !act.gate.held.is_empty() && !act.backfilling && !act.relay_down {
                 let ready = act.gate.expire(Instant::now());
-                act.fan_out(ready);
+                act.fan_out(ready, ctx);
             }
         });
     }
@@ -566,9 +597,30 @@ impl Handler<LeaveRoom> for Room {
 
 impl Handler<Deliver> for Room {
     type Result = ();
-    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
         let ready = self.gate.offer(msg.seq, msg.frame, Instant::now());
-        self.fan_out(ready);
+        self.fan_out(ready, ctx);
+    }
+}
+
+/// Sends the gathered messages to the members (see [`Room::fan_out`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FanOut;
+
+impl Handler<FanOut> for Room {
+    type Result = ();
+    fn handle(&mut self, _: FanOut, _: &mut Context<Self>) {
+        self.fanout_scheduled = false;
+        self.last_fanout = Some(Instant::now());
+        let frames = std::mem::take(&mut self.outgoing);
+        if frames.is_empty() {
+            return;
+        }
+        let batch = Arc::new(MessageBatch::new(self.name.clone(), frames));
+        for m in self.members.values() {
+            m.outbox.push_messages(batch.clone());
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use futures_util::Stream;
 
 use super::app::AppState;
 use super::messages::Shutdown;
-use super::outbox::{wire_len, FrameKind, Outbound, SessionOutbox};
+use super::outbox::{wire_len, Outbound, SessionOutbox};
 use super::registry::{Connect, Disconnect, Join, Leave, Members, Typing};
 use super::replay::{Next, Offer, Replay, ReplayQueue, RoomFeed, Upto, Waiting, REPLAY_PAGE};
 use crate::error::ChatError;
@@ -673,32 +673,37 @@ impl Handler<Outbound> for WsSession {
     type Result = ();
     fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
         if self.outbox.is_closing() {
-            if msg.frame.is_empty() {
-                // The outbox cut this session off.
+            if let Outbound::CutOff = msg {
                 self.close(ctx, CloseCode::Policy, "slow reader: outbound queue full");
             }
             return;
         }
-        let FrameKind::Message { room, seq } = &msg.kind else {
-            return ctx.text(msg.frame);
+        let batch = match msg {
+            Outbound::Droppable(frame) => return ctx.text(frame),
+            Outbound::Messages(batch) => batch,
+            Outbound::CutOff => return,
         };
-        let size = wire_len(msg.frame.len());
-        let Some(feed) = self.rooms.get_mut(&**room) else {
-            return self.outbox.release(size);
+        let Some(feed) = self.rooms.get_mut(&*batch.room) else {
+            return self.outbox.release(batch.wire_len());
         };
-        match feed.offer(*seq, msg.frame) {
-            Offer::Write(frame) => ctx.text(frame),
-            Offer::Stale => self.outbox.release(size),
-            Offer::Held => {
-                // Held frames wait outside the queue (so the replay can
-                // drain it), but within the same hard bound.
-                self.outbox.release(size);
-                self.held_bytes += size;
-                if self.held_bytes > self.outbox.hard_limit() {
-                    self.app.metrics.slow_closes.fetch_add(1, Relaxed);
-                    self.close(ctx, CloseCode::Policy, "slow reader: too far behind");
+        let mut held = false;
+        for (seq, frame) in &batch.frames {
+            let size = wire_len(frame.len());
+            match feed.offer(*seq, frame.clone()) {
+                Offer::Write(frame) => ctx.text(frame),
+                Offer::Stale => self.outbox.release(size),
+                Offer::Held => {
+                    // Held frames wait outside the queue (so the replay can
+                    // drain it), but within the same hard bound.
+                    self.outbox.release(size);
+                    self.held_bytes += size;
+                    held = true;
                 }
             }
+        }
+        if held && self.held_bytes > self.outbox.hard_limit() {
+            self.app.metrics.slow_closes.fetch_add(1, Relaxed);
+            self.close(ctx, CloseCode::Policy, "slow reader: too far behind");
         }
     }
 }
