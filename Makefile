@@ -107,7 +107,7 @@ bench-quick:
 	bench/run quick
 	PIN=0 WORKLOADS=w1 bench/run quick
 
-## bench-profile: where our node's CPU goes in one W1 step, pinned (bench/profile; RATE=300)
+## bench-profile: where our node's CPU goes in one W1 step, pinned (bench/profile; RATE=300; WINDOW=ms sets limits.fanout_window_ms)
 RATE ?= 300
 bench-profile:
 	bench/profile $(RATE)

@@ -162,8 +162,9 @@ fn human(v: f64) -> String {
 }
 
 /// The order systems are listed in, whatever the order they ran in.
-const ORDER: [&str; 7] = [
+const ORDER: [&str; 8] = [
     "ours",
+    "ours-w0",
     "raw",
     "socketio",
     "centrifugo",
@@ -731,8 +732,17 @@ pub fn write(dir: &str) -> Result<(), Error> {
         ("w6", "W6 reconnect storm"),
     ];
     let mut md = String::new();
-    if let Ok(m) = std::fs::read_to_string(format!("{dir}/machine.txt")) {
-        let _ = writeln!(md, "```text\n{}```\n", m);
+    // machine.txt for a run of every workload; machine-<workloads>.txt
+    // for a later run of some of them, which replaced their files.
+    let mut machines: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("machine") && n.ends_with(".txt"))
+        .collect();
+    machines.sort();
+    for name in machines {
+        if let Ok(m) = std::fs::read_to_string(format!("{dir}/{name}")) {
+            let _ = writeln!(md, "{name}:\n\n```text\n{m}```\n");
+        }
     }
     let tables = tables(&run)?;
     for (name, title) in titles {

@@ -6,7 +6,7 @@
 //! only reads what clients send.
 //!
 //! ```text
-//! rawchat [127.0.0.1:8090] [--queue FRAMES]
+//! rawchat [127.0.0.1:8090] [--queue FRAMES] [--window-ms MS]
 //! ```
 //!
 //! Frames (JSON text): `{"op":"join","room":R}` answers `{"op":"joined","room":R}`;
@@ -17,6 +17,12 @@
 //! default). A connection whose queue is full is closed with code 1008 and
 //! the reason "outbound queue full", as a real server would; it is never
 //! skipped silently.
+//!
+//! A room sends a message that comes after a quiet spell at once, and
+//! gathers those that follow within `--window-ms` (10 by default, as
+//! ScalableChat's `limits.fanout_window_ms`) to send them together, so that
+//! each writer takes them off its queue in one vectored write. With 0 every
+//! message is queued at once.
 
 use std::collections::HashMap;
 use std::io;
@@ -24,7 +30,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
@@ -41,6 +47,9 @@ use tokio_tungstenite::WebSocketStream;
 
 /// Outbound queue length (frames) per connection unless `--queue` says otherwise.
 const DEFAULT_QUEUE: usize = 4096;
+/// The least time between two fan-outs of a room, unless `--window-ms` says
+/// otherwise.
+const DEFAULT_WINDOW: Duration = Duration::from_millis(10);
 /// Frames a writer takes off its queue for one vectored write.
 const BATCH: usize = 64;
 /// Largest upgrade request accepted.
@@ -57,6 +66,8 @@ struct Limits {
     queue: usize,
     /// Time a closing connection's writer has to finish.
     close_grace: Duration,
+    /// The least time between two fan-outs of a room.
+    window: Duration,
 }
 /// Close code for a subscriber that cannot keep up (RFC 6455: policy violation).
 const CLOSE_POLICY: u16 = 1008;
@@ -86,14 +97,72 @@ impl Peer {
     }
 }
 
+/// A room's members, and the messages gathered for its next fan-out.
+#[derive(Default)]
+struct Room {
+    members: HashMap<u64, Peer>,
+    pending: Vec<Bytes>,
+    /// A fan-out of `pending` is scheduled.
+    scheduled: bool,
+    last_fanout: Option<Instant>,
+}
+
+impl Room {
+    /// Queues `frames` to every member.
+    fn fan_out(&mut self, frames: &[Bytes]) {
+        self.last_fanout = Some(Instant::now());
+        for m in self.members.values() {
+            for f in frames {
+                if !m.push(f.clone()) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Rooms {
-    rooms: Mutex<HashMap<String, HashMap<u64, Peer>>>,
+    rooms: Mutex<HashMap<String, Room>>,
 }
 
 impl Rooms {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<u64, Peer>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Room>> {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `frame` to the members of `name`: at once after a quiet spell,
+    /// else with the others that come within the window.
+    fn publish(self: &Arc<Self>, name: &str, frame: Bytes, window: Duration) {
+        let mut all = self.lock();
+        let Some(room) = all.get_mut(name) else {
+            return;
+        };
+        if room.scheduled {
+            room.pending.push(frame);
+            return;
+        }
+        let now = Instant::now();
+        let due = room.last_fanout.map_or(now, |at| at + window);
+        if due <= now {
+            room.fan_out(&[frame]);
+            return;
+        }
+        room.pending.push(frame);
+        room.scheduled = true;
+        let (rooms, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(due.into()).await;
+            let mut all = rooms.lock();
+            if let Some(room) = all.get_mut(&name) {
+                room.scheduled = false;
+                let frames = std::mem::take(&mut room.pending);
+                room.fan_out(&frames);
+                if room.members.is_empty() {
+                    all.remove(&name);
+                }
+            }
+        });
     }
 }
 
@@ -154,12 +223,14 @@ fn close_frame(code: u16, reason: &str) -> Bytes {
 struct Config {
     addr: String,
     queue: usize,
+    window: Duration,
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
     let mut cfg = Config {
         addr: "127.0.0.1:8090".to_string(),
         queue: DEFAULT_QUEUE,
+        window: DEFAULT_WINDOW,
     };
     let mut args = args.peekable();
     while let Some(a) = args.next() {
@@ -169,6 +240,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
                 cfg.queue = match v.parse() {
                     Ok(n) if n > 0 => n,
                     _ => return Err(format!("--queue: bad length {v}")),
+                };
+            }
+            "--window-ms" => {
+                let v = args.next().ok_or("--window-ms needs a value")?;
+                cfg.window = match v.parse() {
+                    Ok(ms) => Duration::from_millis(ms),
+                    _ => return Err(format!("--window-ms: bad time {v}")),
                 };
             }
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
@@ -183,18 +261,21 @@ async fn main() -> io::Result<()> {
     let cfg = match parse_args(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("rawchat: {e}\nusage: rawchat [ADDR] [--queue FRAMES]");
+            eprintln!("rawchat: {e}\nusage: rawchat [ADDR] [--queue FRAMES] [--window-ms MS]");
             std::process::exit(2);
         }
     };
     let listener = TcpListener::bind(&cfg.addr).await?;
     println!(
-        "rawchat listening on {} (outbound queue {} frames)",
-        cfg.addr, cfg.queue
+        "rawchat listening on {} (outbound queue {} frames, fan-out window {} ms)",
+        cfg.addr,
+        cfg.queue,
+        cfg.window.as_millis()
     );
     let limits = Limits {
         queue: cfg.queue,
         close_grace: CLOSE_GRACE,
+        window: cfg.window,
     };
     run(listener, limits).await;
     Ok(())
@@ -417,6 +498,7 @@ async fn serve(mut stream: TcpStream, id: u64, rooms: Arc<Rooms>, limits: Limits
                     .lock()
                     .entry(frame.room.clone())
                     .or_default()
+                    .members
                     .insert(id, peer.clone());
                 let reply = Out {
                     op: "joined",
@@ -439,11 +521,7 @@ async fn serve(mut stream: TcpStream, id: u64, rooms: Arc<Rooms>, limits: Limits
                 };
                 // try_send never waits: pushing under the lock is cheaper
                 // than cloning the member list.
-                if let Some(members) = rooms.lock().get(&frame.room) {
-                    for m in members.values() {
-                        m.push(f.clone());
-                    }
-                }
+                rooms.publish(&frame.room, f, limits.window);
             }
             _ => {}
         }
@@ -451,9 +529,9 @@ async fn serve(mut stream: TcpStream, id: u64, rooms: Arc<Rooms>, limits: Limits
     {
         let mut all = rooms.lock();
         for room in joined {
-            if let Some(m) = all.get_mut(&room) {
-                m.remove(&id);
-                if m.is_empty() {
+            if let Some(r) = all.get_mut(&room) {
+                r.members.remove(&id);
+                if r.members.is_empty() && !r.scheduled {
                     all.remove(&room);
                 }
             }
@@ -528,7 +606,15 @@ mod tests {
         // A long grace: the slow client below starts reading only once
         // everything was published.
         let close_grace = Duration::from_secs(60);
-        tokio::spawn(run(listener, Limits { queue, close_grace }));
+        let window = DEFAULT_WINDOW;
+        tokio::spawn(run(
+            listener,
+            Limits {
+                queue,
+                close_grace,
+                window,
+            },
+        ));
         addr
     }
 
