@@ -657,7 +657,8 @@ pub struct Limits {
     /// The least time between two fan-outs of one room's messages, in
     /// milliseconds: a message after a quiet spell goes out at once, and
     /// those that follow within this time go out together, in one write to
-    /// each member. 0 sends each one at once.
+    /// each member. 0: no window; a fan-out goes as soon as the room has
+    /// taken the messages already waiting for it.
     pub fanout_window_ms: u64,
     /// Rooms one connection may have joined at once.
     pub max_rooms_per_session: usize,
