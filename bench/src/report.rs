@@ -738,7 +738,7 @@ pub fn write(dir: &str) -> Result<(), Error> {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("machine") && n.ends_with(".txt"))
         .collect();
-    machines.sort();
+    machines.sort_by_key(|n| (n != "machine.txt", n.clone()));
     for name in machines {
         if let Ok(m) = std::fs::read_to_string(format!("{dir}/{name}")) {
             let _ = writeln!(md, "{name}:\n\n```text\n{m}```\n");
