@@ -255,11 +255,8 @@ async fn messages_that_follow_closely_go_out_together_after_the_window() {
     const WINDOW: Duration = Duration::from_millis(1000);
     const BURST: u64 = 5;
     let node = TestNode::start(NodeOpts {
-        env: vec![(
-            "SCALABLE_CHAT__LIMITS__FANOUT_WINDOW_MS".into(),
-            WINDOW.as_millis().to_string(),
-        )],
-        ..Default::default()
+        fanout_window_ms: WINDOW.as_millis() as u64,
+        ..NodeOpts::default()
     })
     .await;
     let (mut a, _, _) = node.user("ann").await;

@@ -38,6 +38,7 @@ pub struct NodeOpts {
     pub client_timeout_secs: u64,
     pub outbound_soft_bytes: u64,
     pub outbound_hard_bytes: u64,
+    pub fanout_window_ms: u64,
     pub user_rate_per_sec: f64,
     pub user_rate_burst: u64,
     pub max_connections_per_address: u64,
@@ -73,6 +74,7 @@ impl Default for NodeOpts {
             client_timeout_secs: 30,
             outbound_soft_bytes: 262_144,
             outbound_hard_bytes: 1_048_576,
+            fanout_window_ms: 10,
             // Like the per-connection limit: high, tested on its own.
             user_rate_per_sec: 100_000.0,
             user_rate_burst: 100_000,
@@ -124,6 +126,7 @@ heartbeat_interval_secs = {hb}
 client_timeout_secs = {ct}
 outbound_soft_bytes = {soft}
 outbound_hard_bytes = {hard}
+fanout_window_ms = {fanout_window}
 user_rate_per_sec = {user_rate:?}
 user_rate_burst = {user_burst}
 max_connections_per_address = {per_address}
@@ -153,6 +156,7 @@ signin_rate_burst = {signin_burst}
             ct = self.client_timeout_secs,
             soft = self.outbound_soft_bytes,
             hard = self.outbound_hard_bytes,
+            fanout_window = self.fanout_window_ms,
             user_rate = self.user_rate_per_sec,
             user_burst = self.user_rate_burst,
             per_address = self.max_connections_per_address,
